@@ -34,11 +34,23 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def _wikitext(root: Path | None) -> str:
+def _wikitext_file(root: Path | None) -> Path | None:
     if root is not None:
         for cand in (root / "wikitext-2-raw-v1" / WIKITEXT_FILE, root / WIKITEXT_FILE):
             if cand.exists():
-                return cand.read_text(encoding="utf-8")
+                return cand
+    return None
+
+
+def wikitext_available(explicit: str | os.PathLike | None = None) -> bool:
+    """Whether a local copy of WikiText-2 is found (no network)."""
+    return _wikitext_file(data_dir(explicit)) is not None
+
+
+def _wikitext(root: Path | None) -> str:
+    local = _wikitext_file(root)
+    if local is not None:
+        return local.read_text(encoding="utf-8")
     try:
         import datasets  # optional, online users only
     except ImportError:
@@ -150,8 +162,9 @@ def llamacpp_windows(ids: torch.Tensor, ctx: int, bos: int | None, limit: int | 
 
 def stride_windows(ids: torch.Tensor, ctx: int, stride: int, limit: int | None = None) -> list[Window]:
     """The sliding-window protocol of transformers' perplexity guide: windows of ctx tokens moved by `stride`;
-    each scores only the tokens no earlier window scored, so every token but the first is predicted once,
-    with at least ctx - stride tokens of context after the first window."""
+    each scores only the tokens no earlier window scored. With stride < ctx every token but the first is
+    predicted exactly once, with at least ctx - stride tokens of context after the first window; with
+    stride == ctx the first token of each window has no context and is not scored."""
     if not 0 < stride <= ctx:
         raise BadInput(f"--stride must be in 1..ctx ({ctx}), got {stride}")
     if len(ids) < 2:

