@@ -151,10 +151,10 @@ def _load_gguf(path: Path, dtype, t0) -> LoadedModel:
 
 
 def check_same_tokenizer(a: LoadedModel, b: LoadedModel) -> None:
-    """Comparing logits position by position needs the same token ids; refuse otherwise."""
+    """Comparing logits position by position needs the same vocabulary (token -> id); refuse otherwise.
+    Both models are fed the same ids, so tokenizers that only differ in how they split text are fine."""
     va, vb = a.tokenizer.get_vocab(), b.tokenizer.get_vocab()
-    probe = "The quick brown fox, 1234 — naïve café. \n\n  def f(x): return x"
-    if va != vb or a.tokenizer(probe)["input_ids"] != b.tokenizer(probe)["input_ids"]:
+    if va != vb:
         raise BadInput(f"{b.name} and {a.name} have different tokenizers ({len(vb)} vs {len(va)} tokens); "
                        f"KL divergence needs a base model of the same family")
     if a.config.vocab_size != b.config.vocab_size:

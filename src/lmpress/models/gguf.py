@@ -140,8 +140,10 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        if size < 24 or fh.read(4) != MAGIC:
+        if fh.read(4) != MAGIC:
             raise CorruptModel(f"{path}: not a GGUF file (no 'GGUF' magic at the start)")
+        if size < 24:
+            raise CorruptModel(f"{path}: GGUF header is truncated ({size} bytes); download or copy it again")
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     cur = _Cursor(mm, path)
     cur.pos = 4
