@@ -1,18 +1,23 @@
 """lmpress: smaller, faster language models, with an honest account of what it cost.
 
-Public API (see README):
-    load(source=None)                       -> LoadedModel
-    save(lm, out, recipe=None)              -> Path
-    perplexity(lm, text, ctx=512, ...)      -> dict
-    kl_divergence(lm, base, text, ...)      -> dict
-    zero_shot(lm, tasks, limit=None, ...)   -> dict
-    bench(lm, threads=..., batch=...)       -> dict
+Public API:
+    load(source=None) -> LoadedModel          a .gguf file, a transformers/lmpress folder, a cached hub id
+    wrap(model, tokenizer) -> LoadedModel     a transformers model already in memory
+    save(lm, out, recipe=None) -> Path        safetensors + config + tokenizer + manifest, atomically
+    evaluate(lm, base=None, ...) -> dict      what `lmpress eval` reports
+    perplexity, kl_divergence, zero_shot, bench   the evaluators one by one
 """
 
 __version__ = "0.1.0"
 
 from .errors import LmpressError  # noqa: E402
+from .eval import evaluate  # noqa: E402
+from .eval.bench import bench  # noqa: E402
+from .eval.kld import kl_divergence  # noqa: E402
+from .eval.perplexity import perplexity  # noqa: E402
+from .eval.tasks import zero_shot  # noqa: E402
 from .models import LoadedModel, load, wrap  # noqa: E402
 from .models.io import save  # noqa: E402
 
-__all__ = ["LmpressError", "LoadedModel", "load", "save", "wrap", "__version__"]
+__all__ = ["LmpressError", "LoadedModel", "bench", "evaluate", "kl_divergence", "load", "perplexity", "save",
+           "wrap", "zero_shot", "__version__"]
