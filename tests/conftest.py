@@ -40,7 +40,7 @@ def tokenizer(stories_dir):
 
 
 def tiny_config(family: str):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
     common = dict(vocab_size=512, bos_token_id=1, eos_token_id=2)
     if family == "llama":
@@ -51,6 +51,9 @@ def tiny_config(family: str):
                            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    if family == "opt":
+        return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=0, **common)
     raise ValueError(family)
 
 

@@ -61,7 +61,7 @@ def test_gguf_conversion_is_cached_by_hash(stories_dir, tmp_path, monkeypatch):
     lmpress.load(stories_dir / "stories260K.gguf")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
 def test_save_load_bit_identical(tokenizer, tmp_path, family):
     lm = tiny_model(family, tokenizer)
     out = lmpress.save(lm, tmp_path / "m")
@@ -109,7 +109,7 @@ def test_interrupted_save_leaves_nothing(tokenizer, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
 def test_archspec_finds_every_module(tokenizer, family):
     lm = tiny_model(family, tokenizer)
     spec = lm.arch

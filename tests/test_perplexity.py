@@ -69,6 +69,12 @@ def test_stride_protocol_matches_reference(tiny, stories_text, ctx, stride):
     assert got["perplexity"] == pytest.approx(ref, rel=1e-4)
 
 
+def test_opt_family_matches_reference(tokenizer, stories_text):
+    opt = tiny_model("opt", tokenizer)
+    ref, _ = reference_llamacpp_ppl(opt, stories_text, 32)
+    assert perplexity(opt, stories_text, ctx=32)["perplexity"] == pytest.approx(ref, rel=1e-4)
+
+
 def test_real_tiny_model_is_good_at_its_stories(stories, stories_text):
     """stories260K was trained on such text: its perplexity is low; a random model's is near the vocab size."""
     ppl = perplexity(stories, stories_text, ctx=64)["perplexity"]
