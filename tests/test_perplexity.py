@@ -134,3 +134,10 @@ def test_bad_perplexity_inputs(stories, stories_text):
         perplexity(stories, "Once upon a time", ctx=64)
     with pytest.raises(BadInput, match="stride"):
         perplexity(stories, stories_text, ctx=64, protocol="stride", stride=100)
+
+
+def test_scoring_leaves_no_inference_mode_behind(stories, stories_text):
+    """zip() leaves the second generator suspended; the thread must not stay in inference mode."""
+    kl_divergence(stories, stories, stories_text, ctx=32)
+    assert not torch.is_inference_mode_enabled()
+    assert torch.zeros(1).requires_grad_(True).requires_grad

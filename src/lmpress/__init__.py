@@ -3,6 +3,7 @@
 Public API:
     load(source=None) -> LoadedModel          a .gguf file, a transformers/lmpress folder, a cached hub id
     wrap(model, tokenizer) -> LoadedModel     a transformers model already in memory
+    compress(lm, recipe) -> lm                apply a recipe (preset name, YAML/JSON file, list of steps)
     save(lm, out, recipe=None) -> Path        safetensors + config + tokenizer + manifest, atomically
     evaluate(lm, base=None, ...) -> dict      what `lmpress eval` reports
     perplexity, kl_divergence, zero_shot, bench   the evaluators one by one
@@ -10,6 +11,7 @@ Public API:
 
 __version__ = "0.1.0"
 
+from .compress import compress  # noqa: E402
 from .errors import LmpressError  # noqa: E402
 from .eval import evaluate  # noqa: E402
 from .eval.bench import bench  # noqa: E402
@@ -19,5 +21,5 @@ from .eval.tasks import zero_shot  # noqa: E402
 from .models import LoadedModel, load, wrap  # noqa: E402
 from .models.io import save  # noqa: E402
 
-__all__ = ["LmpressError", "LoadedModel", "bench", "evaluate", "kl_divergence", "load", "perplexity", "save",
+__all__ = ["LmpressError", "LoadedModel", "bench", "compress", "evaluate", "kl_divergence", "load", "perplexity", "save",
            "wrap", "zero_shot", "__version__"]

@@ -64,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity (zero-shot only)")
     p.add_argument("--batch-tokens", type=_positive, default=2048, help="tokens per forward pass (default 2048)")
 
+    for name, help_ in (("quantize", "weight-only quantization: --scheme w4g128 --method rtn|hqq"),
+                        ("compress", "apply a recipe: a preset name or a YAML/JSON file")):
+        p = sub.add_parser(name, help=help_, epilog=EPILOG)
+        _common(p)
+        if name == "quantize":
+            p.add_argument("--scheme", required=True, help="wBITS[gGROUP], e.g. w8, w4g128, w4, w3g64, w2g32")
+            p.add_argument("--method", choices=["rtn", "hqq"], default="rtn")
+        else:
+            from .recipe import PRESETS
+
+            p.add_argument("--recipe", required=True, help=f"preset ({', '.join(PRESETS)}) or recipe.yaml/.json")
+        p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
+        p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+        p.add_argument("--no-eval", action="store_true", help="skip the quick quality check against the input")
+        p.add_argument("--eval-windows", type=_positive, default=8, help="windows of the quick check (default 8)")
+        p.add_argument("--data", default="auto", help="text of the quick check (as for eval)")
+        p.add_argument("--data-dir", help="folder with wikitext-2-raw-v1/ (default: $LMPRESS_DATA)")
+        p.add_argument("--ctx", type=_positive, default=512)
+
     p = sub.add_parser("bench", help="size, memory, load time, prefill/decode speed, energy", epilog=EPILOG)
     _common(p)
     p.add_argument("--batch", type=_positive, default=1, help="sequences decoded together (default 1)")
@@ -167,7 +186,70 @@ def cmd_bench(args) -> tuple[dict, str]:
     return res, key_values(rows)
 
 
-COMMANDS = {"info": cmd_info, "eval": cmd_eval, "bench": cmd_bench}
+def _compress_command(args, steps) -> tuple[dict, str]:
+    """Shared by `quantize` and `compress`: load, compress, save atomically, then a quick check against the input."""
+    import copy
+    from pathlib import Path
+
+    from .compress import compress
+    from .data import load_text, wikitext_available
+    from .eval.kld import kl_divergence
+    from .eval.report import human_bytes, key_values
+    from .models.io import save
+    from .recipe import to_dict
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise BadInput(f"{out} already exists; choose another --out or pass --force to replace it")
+    lm = _load(args.model, args)
+    base = None if args.no_eval else copy.deepcopy(lm)
+    compress(lm, steps, progress=not args.quiet)
+    save(lm, out, overwrite=args.force)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    res = {"model": lm.source, "out": str(out), "recipe": [to_dict(s) for s in steps],
+           "compress_s": lm.info.get("compress_s"), "input_size_bytes": lm.disk_bytes, "size_bytes": size,
+           "bits_per_weight": size * 8 / max(lm.disk_params, 1), **_quantized_bpw(lm.model)}
+    rows = [("model", lm.name), ("recipe", json.dumps(res["recipe"])), ("saved to", str(out)),
+            ("size", f"{human_bytes(size)} (input {human_bytes(lm.disk_bytes)})"),
+            ("bits per weight (file)", res["bits_per_weight"]),
+            ("bits per weight (quantized layers)", res.get("quantized_bits_per_weight")),
+            ("compress time s", res["compress_s"])]
+    if base is not None:
+        data = args.data if args.data != "auto" else ("wikitext2" if wikitext_available(args.data_dir) else "builtin")
+        q = kl_divergence(lm, base, load_text(data, args.data_dir), ctx=args.ctx, windows=args.eval_windows,
+                          progress=not args.quiet)
+        res["eval"] = {"data": data, **q, "perplexity_delta": q["perplexity"] - q["base_perplexity"]}
+        rows += [(f"perplexity ({data}, {q['windows']}×{args.ctx})",
+                  f"{q['perplexity']:.3f} (input {q['base_perplexity']:.3f}, {q['perplexity'] - q['base_perplexity']:+.3f})"),
+                 ("KLD to input", q["kld"]), ("top-1 agreement", q["top1_agreement"])]
+    return res, key_values(rows)
+
+
+def _quantized_bpw(model) -> dict:
+    """Bits per weight over the quantized layers only (codes, scales and zeros)."""
+    bits = n = 0
+    for mod in model.modules():
+        if callable(getattr(mod, "lmpress_format", None)):
+            weights = mod.in_features * mod.out_features
+            bits += sum(b.numel() * b.element_size() * 8 for name, b in mod.named_buffers() if name != "bias")
+            n += weights
+    return {"quantized_bits_per_weight": bits / n, "quantized_weights": n} if n else {}
+
+
+def cmd_quantize(args) -> tuple[dict, str]:
+    from .recipe import scheme
+
+    return _compress_command(args, scheme(args.scheme, args.method))
+
+
+def cmd_compress(args) -> tuple[dict, str]:
+    from .recipe import load_recipe
+
+    return _compress_command(args, load_recipe(args.recipe))
+
+
+COMMANDS = {"info": cmd_info, "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize,
+            "compress": cmd_compress}
 
 
 def _quiet_libraries():

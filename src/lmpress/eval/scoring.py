@@ -46,23 +46,25 @@ def window_logprobs(model: torch.nn.Module, windows: list[Window], batch_tokens:
     Windows of equal length and equal first target are batched (about `batch_tokens` tokens per forward pass);
     only one batch of log-probs exists at a time."""
     i = 0
-    with torch.inference_mode():
-        while i < len(windows):
-            w0 = windows[i]
-            bsz = max(1, batch_tokens // len(w0.ids))
-            group = [w0]
-            while (len(group) < bsz and i + len(group) < len(windows)
-                   and len(windows[i + len(group)].ids) == len(w0.ids)
-                   and windows[i + len(group)].first_target == w0.first_target):
-                group.append(windows[i + len(group)])
-            ids = torch.stack([w.ids for w in group])  # [B, T]
-            pos = torch.arange(w0.first_target - 1, len(w0.ids) - 1).expand(len(group), -1)  # [B, K]
+    while i < len(windows):
+        w0 = windows[i]
+        bsz = max(1, batch_tokens // len(w0.ids))
+        group = [w0]
+        while (len(group) < bsz and i + len(group) < len(windows)
+               and len(windows[i + len(group)].ids) == len(w0.ids)
+               and windows[i + len(group)].first_target == w0.first_target):
+            group.append(windows[i + len(group)])
+        ids = torch.stack([w.ids for w in group])  # [B, T]
+        pos = torch.arange(w0.first_target - 1, len(w0.ids) - 1).expand(len(group), -1)  # [B, K]
+        # the inference-mode context must not stay open across a yield: a generator left suspended (e.g. by
+        # zip) would leave it switched on for the whole thread
+        with torch.inference_mode():
             lp = logprobs_at(model, ids, pos)
-            for b, w in enumerate(group):
-                yield lp[b], w.ids[w0.first_target:]
-            if progress is not None:
-                progress.update(sum(len(w.ids) for w in group))
-            i += len(group)
+        for b, w in enumerate(group):
+            yield lp[b], w.ids[w0.first_target:]
+        if progress is not None:
+            progress.update(sum(len(w.ids) for w in group))
+        i += len(group)
 
 
 def sequence_logprobs(model: torch.nn.Module, requests: Iterable[tuple[list[int], list[int]]],

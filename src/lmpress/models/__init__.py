@@ -31,6 +31,7 @@ class LoadedModel:
     load_s: float = 0.0
     manifest: dict | None = None
     info: dict = field(default_factory=dict)  # e.g. GGUF tensor types
+    recipe: list[dict] = field(default_factory=list)  # compression steps applied so far (saved in the manifest)
 
     @property
     def config(self):
@@ -72,8 +73,14 @@ def default_model_path() -> Path:
                         f"run `{DEFAULT_MODEL_HINT}`, or name a model folder, .gguf file or hub id")
 
 
-def unique_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
+def stored_weights(model: torch.nn.Module) -> int:
+    """Number of weights the model represents: float parameters (tied ones once) plus the logical weights of
+    quantized modules (whose integer buffers are not parameters)."""
+    n = sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
+    for mod in model.modules():
+        if callable(getattr(mod, "lmpress_format", None)):
+            n += mod.in_features * mod.out_features
+    return n
 
 
 def load(source: str | Path | None = None, *, download: bool = False, dtype=torch.float32) -> LoadedModel:
@@ -102,12 +109,56 @@ def load(source: str | Path | None = None, *, download: bool = False, dtype=torc
                            f"{'; several .gguf files, name one' if ggufs else ''})")
     if (path / MANIFEST).exists():
         manifest = read_manifest(path)
-    model, tok, _ = hf.load_folder(path, dtype=dtype)
+        model, tok = _load_saved(path, manifest, dtype), hf.load_tokenizer(path)
+    else:
+        model, tok, _ = hf.load_folder(path, dtype=dtype)
     model.eval()
     files = hf.weight_files(path)
     return LoadedModel(model=model, tokenizer=tok, source=str(source if source is not None else path),
                        kind="lmpress" if manifest else "hf", disk_bytes=sum(f.stat().st_size for f in files),
-                       disk_params=unique_params(model), load_s=time.perf_counter() - t0, manifest=manifest)
+                       disk_params=stored_weights(model), load_s=time.perf_counter() - t0, manifest=manifest,
+                       recipe=list((manifest or {}).get("recipe", [])))
+
+
+def _load_saved(path: Path, manifest: dict, dtype) -> torch.nn.Module:
+    """A folder saved by lmpress: the model skeleton from config.json, each layer rebuilt in the format its
+    manifest entry names, then the safetensors state loaded strictly (only tied weights may be absent)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from ..nn import build_module
+    from . import hf
+
+    config = hf.load_config(path)
+    files = hf.weight_files(path)
+    for f in files:
+        hf.check_safetensors(f)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, entry in manifest.get("layers", {}).items():
+        if entry.get("format") != "dense":
+            model.set_submodule(name, build_module(entry))
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    _check_loaded(path, model, missing, unexpected)
+    return model
+
+
+def _check_loaded(path, model: torch.nn.Module, missing: list[str], unexpected: list[str]) -> None:
+    """Only weights tied to another one may be missing from a checkpoint; then tie them."""
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    tied = set(tied if not isinstance(tied, str) else [tied])
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied |= {k for k in missing if k.startswith("lm_head")}
+    lacking = [k for k in missing if k not in tied]
+    if lacking or unexpected:
+        what = f"lacks {', '.join(lacking[:4])}" if lacking else f"has unexpected {', '.join(unexpected[:4])}"
+        raise CorruptModel(f"{path}: the checkpoint {what}: it does not match its config or manifest")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
 
 
 def _has_gguf_magic(path: Path) -> bool:
@@ -133,13 +184,7 @@ def _load_gguf(path: Path, dtype, t0) -> LoadedModel:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         state = gguf.gguf_state_dict(gf, model)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {model._tied_weights_keys} if isinstance(getattr(model, "_tied_weights_keys", None), str) else set()
-        tied |= set(getattr(model, "_tied_weights_keys", None) or [])
-        really_missing = [k for k in missing if k not in tied and not (config.tie_word_embeddings and "lm_head" in k)]
-        if really_missing:
-            raise CorruptModel(f"{path}: the GGUF lacks tensors the model needs: {', '.join(really_missing[:5])}")
-        if config.tie_word_embeddings:
-            model.tie_weights()
+        _check_loaded(path, model, missing, unexpected)
         model.to(dtype).eval()
         types = Counter(gguf_pkg.GGMLQuantizationType(t.qtype).name for t in gf.tensors.values())
         n_params = sum(int(torch.Size(t.shape).numel()) for t in gf.tensors.values())
@@ -165,4 +210,4 @@ def check_same_tokenizer(a: LoadedModel, b: LoadedModel) -> None:
 def wrap(model: torch.nn.Module, tokenizer, name: str = "in-memory") -> LoadedModel:
     """A LoadedModel around a transformers model already in memory (nothing on disk)."""
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, source=name, kind="memory", disk_bytes=0,
-                       disk_params=unique_params(model))
+                       disk_params=stored_weights(model))

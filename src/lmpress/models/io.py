@@ -27,7 +27,6 @@ from ..errors import BadInput, CorruptModel, UnsupportedModel
 
 MANIFEST = "lmpress.json"
 FORMAT_VERSION = 1
-KNOWN_FORMATS = {"dense"}
 
 
 def layer_formats(model: torch.nn.Module) -> dict[str, dict]:
@@ -51,7 +50,7 @@ def build_manifest(lm, recipe: list[dict] | None = None) -> dict:
         "lmpress_version": __version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": {"path": lm.source, "kind": lm.kind},
-        "recipe": list(recipe or (lm.manifest or {}).get("recipe", [])),
+        "recipe": list(recipe if recipe is not None else lm.recipe),
         "layers": layer_formats(lm.model),
     }
 
@@ -88,7 +87,9 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
         raise UnsupportedModel(f"{folder}: manifest format {m.get('format_version') if isinstance(m, dict) else '?'}"
                                f" is not supported by this lmpress (expects {FORMAT_VERSION})")
-    unknown = {v.get("format") for v in m.get("layers", {}).values()} - KNOWN_FORMATS
+    from ..nn import register_formats
+
+    unknown = {v.get("format") for v in m.get("layers", {}).values()} - set(register_formats()) - {"dense"}
     if unknown:
         raise UnsupportedModel(f"{folder}: layers stored as {', '.join(sorted(map(str, unknown)))}, which this lmpress "
                                f"version cannot load; upgrade lmpress")

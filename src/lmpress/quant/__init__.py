@@ -1,0 +1,1 @@
+"""Quantization: affine primitives and packing (primitives.py), then the methods built on them."""

@@ -1,0 +1,191 @@
+"""Recipes: an ordered list of steps, each a small frozen config dataclass with validated fields.
+
+    [RTN(bits=4, group_size=128)]                          weight-only round-to-nearest, 4 bits, groups of 128
+    [HQQ(bits=3, group_size=64)]                           half-quadratic zero-point optimization, no data
+    [W8A8Dynamic()]                                        int8 weights and per-call int8 activations
+    [RTN(8, None, targets=r"self_attn"), RTN(4, 64)]       mixed widths: attention int8, the rest 4-bit
+
+Every step chooses its modules with two regular expressions on qualified module names (`re.search`):
+`targets` (None = every linear layer) and `ignore` (default: the output head `lm_head`; embeddings are not
+linear layers and stay in float). A module converted by an earlier step is not touched by a later one, so
+put the most specific step first. A step that matches no module is an error.
+
+Recipes are written as YAML or JSON: a list of steps, each `{"step": "RTN", "bits": 4, ...}` (or a mapping
+with a `steps` key holding that list). Unknown steps or keys are errors. Named presets: PRESETS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput
+
+DEFAULT_IGNORE = r"(^|\.)lm_head$"
+
+
+def _check_regex(value: str | None, field: str) -> None:
+    if value is None:
+        return
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise BadInput(f"{field}: invalid regular expression {value!r} ({e})") from None
+
+
+def _check_bits(bits, allowed=range(2, 9)) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in allowed:
+        raise BadInput(f"bits must be an integer in {allowed.start}..{allowed.stop - 1}, got {bits!r}")
+
+
+def _check_group(group_size) -> None:
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool)
+                                   or group_size < 1):
+        raise BadInput(f"group_size must be a positive integer or null (per output channel), got {group_size!r}")
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Weight-only round-to-nearest. symmetric=True is "uniform" (zero-point fixed at the middle), False is
+    "min-max" (integer zero-point); clip=True searches the MSE-optimal shrink of each group's range."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    clip: bool = False
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_bits(self.bits)
+        _check_group(self.group_size)
+        _check_regex(self.targets, "targets")
+        _check_regex(self.ignore, "ignore")
+
+
+@dataclass(frozen=True)
+class HQQ:
+    """Half-Quadratic Quantization (Badri & Shaji, 2023): min-max scales, zero-points refined by a proximal
+    solver that minimises an lp-norm (p < 1) of the weight error. Calibration-free."""
+
+    bits: int = 4
+    group_size: int | None = 64
+    iters: int = 20
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_bits(self.bits)
+        _check_group(self.group_size)
+        if not isinstance(self.iters, int) or self.iters < 1:
+            raise BadInput(f"iters must be a positive integer, got {self.iters!r}")
+        if not 0 < self.lp_norm <= 1:
+            raise BadInput(f"lp_norm must be in (0, 1], got {self.lp_norm!r}")
+        _check_regex(self.targets, "targets")
+        _check_regex(self.ignore, "ignore")
+
+
+@dataclass(frozen=True)
+class W8A8Dynamic:
+    """int8 weights (symmetric, per output channel) and int8 activations quantized at run time, on PyTorch's
+    int8 kernels (fbgemm/onednn)."""
+
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_regex(self.targets, "targets")
+        _check_regex(self.ignore, "ignore")
+
+
+STEPS: dict[str, type] = {cls.__name__: cls for cls in (RTN, HQQ, W8A8Dynamic)}
+
+PRESETS: dict[str, list] = {
+    "w8": [RTN(bits=8, group_size=None, symmetric=True)],
+    "w8a8-dynamic": [W8A8Dynamic()],
+    "w4g128": [RTN(bits=4, group_size=128)],
+    "w4g64": [RTN(bits=4, group_size=64)],
+    "w4": [RTN(bits=4, group_size=None)],
+    "w3g64": [RTN(bits=3, group_size=64)],
+    "w2g32": [HQQ(bits=2, group_size=32)],
+    "hqq-w4g128": [HQQ(bits=4, group_size=128)],
+    "hqq-w4g64": [HQQ(bits=4, group_size=64)],
+    "hqq-w3g64": [HQQ(bits=3, group_size=64)],
+}
+
+
+def to_dict(step) -> dict:
+    return {"step": type(step).__name__, **dataclasses.asdict(step)}
+
+
+def from_dict(d: dict):
+    if not isinstance(d, dict) or "step" not in d:
+        raise BadInput(f"a recipe step must be a mapping with a 'step' key, got {d!r}")
+    name = d["step"]
+    cls = STEPS.get(name) or {k.lower(): v for k, v in STEPS.items()}.get(str(name).lower())
+    if cls is None:
+        raise BadInput(f"unknown recipe step '{name}' (known: {', '.join(STEPS)})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields - {"step"})
+    if unknown:
+        raise BadInput(f"recipe step {cls.__name__}: unknown key(s) {', '.join(unknown)} "
+                       f"(known: {', '.join(sorted(fields))})")
+    try:
+        return cls(**{k: v for k, v in d.items() if k != "step"})
+    except TypeError as e:
+        raise BadInput(f"recipe step {cls.__name__}: {e}") from None
+
+
+def load_recipe(spec) -> list:
+    """A recipe from a preset name, a YAML/JSON file, a list of step configs or of dicts."""
+    if isinstance(spec, (list, tuple)):
+        steps = [s if type(s) in STEPS.values() else from_dict(s) for s in spec]
+    elif isinstance(spec, str) and spec in PRESETS:
+        steps = list(PRESETS[spec])
+    elif isinstance(spec, (str, Path)) and Path(spec).is_file():
+        steps = _read_file(Path(spec))
+    else:
+        raise BadInput(f"unknown recipe '{spec}': give a preset ({', '.join(PRESETS)}) or a .yaml/.json file")
+    if not steps:
+        raise BadInput("the recipe has no steps")
+    return steps
+
+
+def _read_file(path: Path) -> list:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    if isinstance(data, dict):
+        extra = sorted(set(data) - {"steps"})
+        if extra:
+            raise BadInput(f"{path}: unknown top-level key(s) {', '.join(extra)} (expected 'steps')")
+        data = data.get("steps")
+    if not isinstance(data, list):
+        raise BadInput(f"{path}: a recipe is a list of steps (or a mapping with 'steps')")
+    return [from_dict(d) for d in data]
+
+
+def scheme(text: str, method: str = "rtn") -> list:
+    """`--scheme w4g128 --method hqq` → [HQQ(bits=4, group_size=128)]; 'w8' is per channel."""
+    m = re.fullmatch(r"w([2-8])(?:g(\d+))?", text.strip().lower())
+    if not m:
+        raise BadInput(f"unknown scheme '{text}': use wBITS[gGROUP], e.g. w4g128, w8, w3g64")
+    bits, group = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+    if method == "rtn":
+        return [RTN(bits=bits, group_size=group, symmetric=bits == 8)]
+    if method == "hqq":
+        return [HQQ(bits=bits, group_size=group)]
+    raise BadInput(f"unknown method '{method}' (rtn or hqq)")
+
+
+def dumps(steps: list) -> str:
+    return json.dumps([to_dict(s) for s in steps])

@@ -1,0 +1,139 @@
+"""Weight-only quantization (RTN, HQQ), packed storage, recipes and compress()."""
+
+import json
+
+import pytest
+import torch
+
+import lmpress
+from lmpress.compress import compress, linear_layers
+from lmpress.errors import BadInput
+from lmpress.nn.packed import PackedLinear
+from lmpress.quant.hqq import hqq_qparams
+from lmpress.quant.primitives import compute_qparams, dequantize, quantize, sqnr_db
+from lmpress.quant.rtn import storage_qparams
+from lmpress.recipe import HQQ, PRESETS, RTN, W8A8Dynamic, from_dict, load_recipe, scheme, to_dict
+
+from conftest import tiny_model
+
+IDS = torch.tensor([[1, 403, 407, 261, 378, 432, 383, 286, 300, 301, 302, 303, 304, 305]])
+
+
+def logits(lm):
+    with torch.inference_mode():
+        return lm.model(IDS).logits
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [None, 32, 48])
+def test_packed_linear_matches_reference_fake_quant(bits, group):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 20)
+    m = compress(torch.nn.Sequential(lin), [RTN(bits, group)])[0]
+    assert isinstance(m, PackedLinear)
+    qp = storage_qparams(compute_qparams(lin.weight, bits, group, symmetric=False))
+    ref_w = dequantize(quantize(lin.weight, qp), qp)
+    assert torch.equal(m.dequantize(), ref_w)  # bit-exact: codes and fp16 params round-trip through packing
+    x = torch.randn(3, 96)
+    assert torch.allclose(m(x), torch.nn.functional.linear(x, ref_w, lin.bias), atol=1e-5)
+
+
+def test_partial_last_group_is_padded():
+    """SmolLM2's 576 columns in groups of 128: 4.5 groups; the last is padded, not refused."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 8, bias=False)
+    m = compress(torch.nn.Sequential(lin), [RTN(4, 128)])[0]
+    assert m.scales.shape == (5, 8) and m.qweight.shape == (8, 288)
+    w_pad = torch.nn.functional.pad(lin.weight.detach(), (0, 64))
+    qp = storage_qparams(compute_qparams(w_pad, 4, 128, symmetric=False))
+    assert torch.equal(m.dequantize(), dequantize(quantize(w_pad, qp), qp)[:, :576])
+    assert sqnr_db(lin.weight, m.dequantize()) > 18
+
+
+def test_bits_per_weight_within_3_percent_of_nominal():
+    lin = torch.nn.Linear(1024, 256, bias=False)
+    for bits, group in [(8, None), (4, 128), (4, 64), (3, 64), (2, 32), (4, None)]:
+        m = compress(torch.nn.Sequential(torch.nn.Linear(1024, 256, bias=False)), [RTN(bits, group)])[0]
+        nominal = bits + (32 / group if group else 32 / 1024)
+        assert m.stored_bits_per_weight() == pytest.approx(nominal, rel=0.03), (bits, group)
+    del lin
+
+
+def test_hqq_error_not_above_rtn_on_real_weights(stories):
+    for name, mod in list(linear_layers(stories.model).items())[:8]:
+        w = mod.weight.detach()
+        g = 32 if w.shape[1] % 32 == 0 else None
+        for bits in (2, 3, 4):
+            rtn = storage_qparams(compute_qparams(w, bits, g, symmetric=False))
+            e_rtn = (dequantize(quantize(w, rtn), rtn) - w).pow(2).sum()
+            codes, hq = hqq_qparams(w, bits, g)
+            e_hqq = (dequantize(codes, hq) - w).pow(2).sum()
+            assert e_hqq <= e_rtn, (name, bits)
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w4g128", "w4", "w3g64", "w2g32", "w8a8-dynamic"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_save_load_identical_logits_every_format(tokenizer, tmp_path, recipe, family):
+    lm = tiny_model(family, tokenizer)
+    compress(lm, recipe)
+    out = lmpress.save(lm, tmp_path / "q")
+    back = lmpress.load(out)
+    assert torch.equal(logits(lm), logits(back))
+    manifest = json.loads((out / "lmpress.json").read_text())
+    assert manifest["recipe"] == [to_dict(s) for s in PRESETS[recipe]]
+    formats = {v["format"] for v in manifest["layers"].values()}
+    assert formats - {"dense"}, formats
+
+
+def test_quantized_file_is_smaller(tokenizer, tmp_path):
+    from transformers import LlamaConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    lm = lmpress.wrap(AutoModelForCausalLM.from_config(cfg), tokenizer)
+    dense = lmpress.save(lm, tmp_path / "dense")
+    compress(lm, "w4g64")
+    q = lmpress.save(lm, tmp_path / "q4")
+    lin_params = sum(m.in_features * m.out_features for m in lm.model.modules() if isinstance(m, PackedLinear))
+    saved = sum(f.stat().st_size for f in dense.glob("*.safetensors")) - \
+        sum(f.stat().st_size for f in q.glob("*.safetensors"))
+    assert saved == pytest.approx(lin_params * (4 - (4 + 32 / 64) / 8), rel=0.02)
+
+
+def test_mixed_widths_and_overrides(tokenizer):
+    lm = tiny_model("llama", tokenizer)
+    compress(lm, [RTN(8, None, targets=r"self_attn"), RTN(4, 32)])
+    mods = dict(lm.model.named_modules())
+    assert mods["model.layers.0.self_attn.q_proj"].bits == 8
+    assert mods["model.layers.0.mlp.up_proj"].bits == 4
+    assert isinstance(mods["lm_head"], torch.nn.Linear)  # left in float by default
+    assert isinstance(mods["model.embed_tokens"], torch.nn.Embedding)
+    lm2 = tiny_model("llama", tokenizer)
+    compress(lm2, [RTN(8, None, ignore=None)])
+    assert isinstance(dict(lm2.model.named_modules())["lm_head"], PackedLinear)  # selectable
+
+
+def test_recipe_files_and_errors(tmp_path, tokenizer):
+    p = tmp_path / "r.yaml"
+    p.write_text("steps:\n  - step: RTN\n    bits: 3\n    group_size: 64\n  - step: hqq\n    bits: 4\n")
+    assert load_recipe(str(p)) == [RTN(3, 64), HQQ(4)]
+    assert from_dict(to_dict(HQQ(2, 32))) == HQQ(2, 32)
+    assert scheme("w4g128", "hqq") == [HQQ(4, 128)] and scheme("w8") == [RTN(8, None, symmetric=True)]
+    p.write_text("- step: RTN\n  bits: 4\n  gruop_size: 64\n")
+    with pytest.raises(BadInput, match="unknown key.*gruop_size"):
+        load_recipe(str(p))
+    with pytest.raises(BadInput, match="unknown recipe step"):
+        load_recipe([{"step": "Magic"}])
+    for bad in (1, 9, 2.5):
+        with pytest.raises(BadInput, match="bits"):
+            RTN(bits=bad)
+    with pytest.raises(BadInput, match="group_size"):
+        RTN(4, 0)
+    with pytest.raises(BadInput, match="unknown scheme"):
+        scheme("w4x")
+    with pytest.raises(BadInput, match="match no"):
+        compress(tiny_model("llama", tokenizer), [RTN(4, 32, targets="no_such_layer")])
+    with pytest.raises(BadInput, match="unknown recipe"):
+        load_recipe("w5g7-nonsense")
+    assert W8A8Dynamic().ignore == RTN().ignore
