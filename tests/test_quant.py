@@ -71,7 +71,7 @@ def test_hqq_error_not_above_rtn_on_real_weights(stories):
             assert e_hqq <= e_rtn, (name, bits)
 
 
-@pytest.mark.parametrize("recipe", ["w8", "w4g128", "w4", "w3g64", "w2g32", "w8a8-dynamic"])
+@pytest.mark.parametrize("recipe", ["w8", "w4g128", "w4", "w3g64", "w2g32", "w8a8-dynamic", "w8a8-static"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_save_load_identical_logits_every_format(tokenizer, tmp_path, recipe, family):
     lm = tiny_model(family, tokenizer)
@@ -137,3 +137,16 @@ def test_recipe_files_and_errors(tmp_path, tokenizer):
     with pytest.raises(BadInput, match="unknown recipe"):
         load_recipe("w5g7-nonsense")
     assert W8A8Dynamic().ignore == RTN().ignore
+
+
+def test_qat_through_compress_recipe(stories, tmp_path):
+    """The QAT step from a YAML recipe through lmpress.compress: trains, converts to packed codes, saves."""
+    p = tmp_path / "qat.yaml"
+    p.write_text("- step: QAT\n  bits: 4\n  group_size: 32\n  steps: 2\n  lr: 1e-3\n  batch_size: 2\n"
+                 "  seq_len: 16\n  n_samples: 4\n")
+    lm = lmpress.load(stories.source)
+    compress(lm, str(p))
+    assert list(linear_layers(lm.model)) == ["lm_head"]  # every other linear layer was converted
+    assert sum(isinstance(m, PackedLinear) for m in lm.model.modules()) == 5 * 7
+    back = lmpress.load(lmpress.save(lm, tmp_path / "q"))
+    assert torch.equal(logits(lm), logits(back)) and back.recipe[0]["step"] == "QAT"

@@ -82,21 +82,57 @@ def _hqq(mod, step):
     return quantize_hqq(mod, step)
 
 
-# step config -> per-layer conversion (data-free steps); the one dispatch table
+def _int8_static(lm, model, step, data, progress):
+    from .nn.int8_static import Int8StaticLinear
+    from .quant.activations import calibrate_activations
+
+    layers = select(model, step)
+    if data is None:
+        if not hasattr(lm, "tokenizer"):
+            raise BadInput("W8A8Static calibrates activation ranges: pass data=[token id batches [B, T]]")
+        data = default_calibration(lm)
+    kw = {"p": step.percentile} if step.observer == "percentile" else {}
+    qp = calibrate_activations(model, layers, data, observer=step.observer, **kw)
+    by_id = {id(m): qp[n] for n, m in layers.items()}
+    replace_layers(model, step, lambda mod, _s: Int8StaticLinear.from_linear(mod, *by_id[id(mod)]), progress)
+
+
+def _qat(lm, model, step, data, progress):
+    from .quant.qat import qat
+
+    select(model, step)  # the usual error when targets/ignore match no float linear layer
+    qat(model, step, tokenizer=getattr(lm, "tokenizer", None), progress=progress)  # trains under enable_grad()
+
+
+# The dispatch tables. Per-layer steps: step config -> convert(layer, step). Whole-model steps (they
+# calibrate or train across layers): step config -> fn(lm, model, step, calibration batches or None, progress).
 CONVERT = {R.RTN: _rtn, R.HQQ: _hqq, R.W8A8Dynamic: _int8_dynamic}
+WHOLE_MODEL = {R.W8A8Static: _int8_static, R.QAT: _qat}
 
 
-def compress(lm, recipe, progress: bool = False):
+def default_calibration(lm, n: int = 16, length: int = 256, seed: int = 0) -> list[torch.Tensor]:
+    """Calibration batches [8, length] from the built-in corpus (never an evaluation text)."""
+    from .data import builtin_text, calibration_windows, tokenize
+
+    wins = calibration_windows(tokenize(lm.tokenizer, builtin_text()), n, length, seed)
+    return [torch.stack([w.ids for w in wins[i:i + 8]]) for i in range(0, n, 8)]
+
+
+def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None = None):
     """Apply `recipe` (a preset name, a YAML/JSON path, or a list of steps) to `lm` in place; returns `lm`.
 
     `lm` is a LoadedModel (its recipe grows by the steps applied, and is saved in the manifest) or any
-    nn.Module (then the module is returned)."""
+    nn.Module (then the module is returned). `data`: calibration batches of token ids [B, T] for steps that
+    need them (default for a LoadedModel: default_calibration)."""
     steps = R.load_recipe(recipe)
     model = getattr(lm, "model", lm)
     t0 = time.perf_counter()
     with torch.no_grad():
         for step in steps:
-            replace_layers(model, step, CONVERT[type(step)], progress)
+            if type(step) in WHOLE_MODEL:
+                WHOLE_MODEL[type(step)](lm, model, step, data, progress)
+            else:
+                replace_layers(model, step, CONVERT[type(step)], progress)
     if hasattr(lm, "recipe"):
         lm.recipe = list(lm.recipe) + [R.to_dict(s) for s in steps]
         lm.info["compress_s"] = time.perf_counter() - t0

@@ -3,6 +3,7 @@
     [RTN(bits=4, group_size=128)]                          weight-only round-to-nearest, 4 bits, groups of 128
     [HQQ(bits=3, group_size=64)]                           half-quadratic zero-point optimization, no data
     [W8A8Dynamic()]                                        int8 weights and per-call int8 activations
+    [W8A8Static(observer="mse")]                           int8 activations on ranges from calibration data
     [RTN(8, None, targets=r"self_attn"), RTN(4, 64)]       mixed widths: attention int8, the rest 4-bit
 
 Every step chooses its modules with two regular expressions on qualified module names (`re.search`):
@@ -104,11 +105,77 @@ class W8A8Dynamic:
         _check_regex(self.ignore, "ignore")
 
 
-STEPS: dict[str, type] = {cls.__name__: cls for cls in (RTN, HQQ, W8A8Dynamic)}
+@dataclass(frozen=True)
+class W8A8Static:
+    """int8 weights (symmetric, per output channel) and int8 activations on one static grid per layer (per
+    tensor, uint8 0..127) whose range is observed on calibration data: "minmax", "percentile" (p = percentile)
+    or "mse"."""
+
+    observer: str = "minmax"
+    percentile: float = 99.99
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        if self.observer not in ("minmax", "percentile", "mse"):
+            raise BadInput(f"observer must be minmax, percentile or mse, got {self.observer!r}")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 50 < self.percentile <= 100:
+            raise BadInput(f"percentile must be in (50, 100], got {self.percentile!r}")
+        _check_regex(self.targets, "targets")
+        _check_regex(self.ignore, "ignore")
+
+
+@dataclass(frozen=True)
+class QAT:
+    """Quantization-aware training (quant/qat.py): weights fake-quantized on RTN's grid, fine-tuned through a
+    straight-through estimator towards the float model's logits ("kl"), the data ("ce") or both, then stored
+    packed like RTN. data: a load_text spec, or "self" = n_samples sequences sampled from the float model."""
+
+    bits: int = 3
+    group_size: int | None = 64
+    symmetric: bool = False
+    learn_scale: bool = False
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 8
+    seq_len: int = 256
+    n_samples: int = 128
+    optimizer: str = "adamw"
+    loss: str = "kl"
+    data: str = "self"
+    seed: int = 0
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_bits(self.bits)
+        _check_group(self.group_size)
+        for name, low in (("steps", 1), ("batch_size", 1), ("n_samples", 1), ("seq_len", 2), ("seed", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise BadInput(f"QAT {name} must be an integer >= {low}, got {v!r}")
+        try:
+            object.__setattr__(self, "lr", float(self.lr))  # YAML 1.1 reads `lr: 1e-4` as a string
+        except (TypeError, ValueError):
+            raise BadInput(f"QAT lr must be a number, got {self.lr!r}") from None
+        if not 0 < self.lr < float("inf"):
+            raise BadInput(f"QAT lr must be positive, got {self.lr!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise BadInput(f"QAT optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.loss not in ("kl", "ce", "kl+ce"):
+            raise BadInput(f"QAT loss must be kl, ce or kl+ce, got {self.loss!r}")
+        _check_regex(self.targets, "targets")
+        _check_regex(self.ignore, "ignore")
+
+
+STEPS: dict[str, type] = {cls.__name__: cls for cls in (RTN, HQQ, W8A8Dynamic, W8A8Static, QAT)}
 
 PRESETS: dict[str, list] = {
     "w8": [RTN(bits=8, group_size=None, symmetric=True)],
     "w8a8-dynamic": [W8A8Dynamic()],
+    "w8a8-static": [W8A8Static()],
+    "w8a8-static-mse": [W8A8Static(observer="mse")],
     "w4g128": [RTN(bits=4, group_size=128)],
     "w4g64": [RTN(bits=4, group_size=64)],
     "w4": [RTN(bits=4, group_size=None)],
@@ -117,6 +184,7 @@ PRESETS: dict[str, list] = {
     "hqq-w4g128": [HQQ(bits=4, group_size=128)],
     "hqq-w4g64": [HQQ(bits=4, group_size=64)],
     "hqq-w3g64": [HQQ(bits=3, group_size=64)],
+    "qat-w3g64": [QAT(bits=3, group_size=64)],
 }
 
 

@@ -18,9 +18,10 @@ def register_formats() -> dict[str, type[torch.nn.Module]]:
     """Fill FORMATS from the format modules (imported here, once, so the table lives in one place)."""
     if not FORMATS:
         from .int8_dynamic import Int8DynamicLinear
+        from .int8_static import Int8StaticLinear
         from .packed import PackedLinear
 
-        for cls in (Int8DynamicLinear, PackedLinear):
+        for cls in (Int8DynamicLinear, Int8StaticLinear, PackedLinear):
             for name in getattr(cls, "formats", None) or (cls.format,):
                 FORMATS[name] = cls
     return FORMATS

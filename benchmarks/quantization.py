@@ -1,0 +1,105 @@
+"""Quantization table (issue 3): for each recipe, bits per weight on disk, WikiText-2 perplexity (llama.cpp
+protocol), KLD and top-1 agreement to the base, a zero-shot average on a stated subset, decode tokens/s.
+
+usage: python benchmarks/quantization.py MODEL --name NAME [--windows 40] [--ctx 512] [--limit 100]
+           [--tasks arc_easy,piqa,...] [--threads 2] [--recipes base,w8,w8a8-dynamic,...] [--out results/quant-NAME.jsonl]
+Each recipe's row is appended to the JSONL file as soon as it is measured (a rerun skips recipes already
+there); the markdown table is printed at the end. Needs LMPRESS_DATA (or --data-dir) for WikiText-2 and the
+zero-shot sets.
+"""
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lmpress
+from lmpress.data import load_text
+from lmpress.recipe import HQQ, RTN, W8A8Dynamic, to_dict
+
+RECIPES = {
+    "base": [],
+    "w8": [RTN(8, None, symmetric=True)],
+    "w8a8-dynamic": [W8A8Dynamic()],
+    "w4g128-rtn": [RTN(4, 128)],
+    "w4g128-hqq": [HQQ(4, 128)],
+    "w4-rtn": [RTN(4, None)],
+    "w3g64-rtn": [RTN(3, 64)],
+    "w3g64-hqq": [HQQ(3, 64)],
+    "w2g32-hqq": [HQQ(2, 32)],
+}
+
+
+def measure(base, name, steps, text, a):
+    lm = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    if steps:
+        lmpress.compress(lm, steps)
+    secs = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        out = lmpress.save(lm, Path(tmp) / "m")
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    q = lmpress.kl_divergence(lm, base, text, ctx=a.ctx, windows=a.windows, progress=True)
+    tasks = lmpress.zero_shot(lm, a.tasks.split(","), limit=a.limit, data_dir=a.data_dir, progress=True)
+    b = lmpress.bench(lm, threads=a.threads, prompt_tokens=64, gen_tokens=32, repeats=3)
+    return {"recipe": name, "steps": [to_dict(s) for s in steps], "compress_s": secs, "size_bytes": size,
+            "bits_per_weight": size * 8 / base.disk_params, "perplexity": q["perplexity"],
+            "base_perplexity": q["base_perplexity"], "kld": q["kld"], "kld_stderr": q["kld_stderr"],
+            "top1_agreement": q["top1_agreement"], "tokens": q["tokens"],
+            "zero_shot_avg_acc": tasks["average_acc"], "zero_shot_avg_acc_norm": tasks["average_acc_norm"],
+            "decode_tokens_per_s": b["decode_tokens_per_s"], "threads": a.threads}
+
+
+def table(rows, a, model):
+    head = ("| recipe | bits/weight (file) | perplexity | KLD | top-1 | zero-shot acc | decode tok/s |\n"
+            "|---|---|---|---|---|---|---|")
+    lines = [f"| {r['recipe']} | {r['bits_per_weight']:.2f} | {r['perplexity']:.3f} | {r['kld']:.4f} | "
+             f"{r['top1_agreement']:.3f} | {r['zero_shot_avg_acc']:.3f} | {r['decode_tokens_per_s']:.1f} |"
+             for r in rows]
+    note = (f"\n{model}; WikiText-2 test, first {a.windows} windows of {a.ctx} (llama.cpp protocol, "
+            f"{rows[0]['tokens']:,} tokens scored); KLD and top-1 against the base (the shipped weights in fp32); "
+            f"zero-shot: mean acc over {a.tasks} with --limit {a.limit}; decode: greedy, {a.threads} threads, "
+            f"64-token prompt, 32 new tokens, median of 3 (transformers forward; packed-int layers dequantize "
+            f"on the fly until native kernels land).")
+    return "\n".join([head, *lines]) + "\n" + note
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq,openbook_qa,copa")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-dir", default=os.environ.get("LMPRESS_DATA"))
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    out = Path(a.out or Path(__file__).parent / "results" / f"quant-{a.name}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(line)["recipe"]: json.loads(line) for line in out.read_text().splitlines()} \
+        if out.exists() else {}
+    base = lmpress.load(a.model)
+    text = load_text("wikitext2", a.data_dir)
+    for name in a.recipes.split(","):
+        if name in done:
+            continue
+        print(f"== {a.name} {name}", file=sys.stderr, flush=True)
+        row = measure(base, name, RECIPES[name], text, a)
+        done[name] = row
+        with open(out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    print(table([done[n] for n in a.recipes.split(",") if n in done], a, Path(a.model).name))
+
+
+if __name__ == "__main__":
+    main()
