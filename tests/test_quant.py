@@ -12,7 +12,7 @@ from lmpress.nn.packed import PackedLinear
 from lmpress.quant.hqq import hqq_qparams
 from lmpress.quant.primitives import compute_qparams, dequantize, quantize, sqnr_db
 from lmpress.quant.rtn import storage_qparams
-from lmpress.recipe import HQQ, PRESETS, RTN, W8A8Dynamic, from_dict, load_recipe, scheme, to_dict
+from lmpress.recipe import GPTQ, HQQ, PRESETS, RTN, W8A8Dynamic, from_dict, load_recipe, scheme, to_dict
 
 from conftest import tiny_model
 
@@ -150,3 +150,14 @@ def test_qat_through_compress_recipe(stories, tmp_path):
     assert sum(isinstance(m, PackedLinear) for m in lm.model.modules()) == 5 * 7
     back = lmpress.load(lmpress.save(lm, tmp_path / "q"))
     assert torch.equal(logits(lm), logits(back)) and back.recipe[0]["step"] == "QAT"
+
+
+def test_gptq_preset_through_compress_saves_and_loads(tokenizer, tmp_path):
+    lm = tiny_model("llama", tokenizer)
+    data = [torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))]
+    compress(lm, "gptq-w4g128", data=data)
+    assert sum(isinstance(m, PackedLinear) for m in lm.model.modules()) == 2 * 7
+    back = lmpress.load(lmpress.save(lm, tmp_path / "g"))
+    assert torch.equal(logits(lm), logits(back)) and back.recipe[0]["step"] == "GPTQ"
+    with pytest.raises(BadInput, match="ignore"):
+        compress(tiny_model("llama", tokenizer), [GPTQ(4, 32, ignore=None)], data=data)  # lm_head: outside blocks

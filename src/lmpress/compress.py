@@ -9,15 +9,13 @@ import torch
 
 from . import recipe as R
 from .errors import BadInput
-from .nn import linear_weight
+from .nn import is_float_linear, linear_weight
 
 
 def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Every float linear layer by qualified name (a shared module once): nn.Linear, and GPT-2's Conv1D (a
     linear with W stored as [I, O]). MultiheadAttention's out_proj is left out: attention reads its weight."""
-    return {name: mod for name, mod in model.named_modules()
-            if (isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D")
-            and type(mod).__name__ != "NonDynamicallyQuantizableLinear"}
+    return {name: mod for name, mod in model.named_modules() if is_float_linear(mod)}
 
 
 def select(model: torch.nn.Module, step) -> dict[str, torch.nn.Module]:
@@ -97,6 +95,32 @@ def _int8_static(lm, model, step, data, progress):
     replace_layers(model, step, lambda mod, _s: Int8StaticLinear.from_linear(mod, *by_id[id(mod)]), progress)
 
 
+def _gptq(lm, model, step, data, progress):
+    from .calibrate import all_targets, run_sequential
+    from .models.arch import arch_for
+    from .quant import gptq
+
+    wanted = select(model, step)  # the usual error when targets/ignore match no float linear layer
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise BadInput(f"{type(step).__name__} runs block by block: it needs a transformers model whose family "
+                       f"has an ArchSpec, not a {type(model).__name__}")
+    spec = arch_for(model_type)
+    outside = sorted(set(wanted) - set(all_targets(model, spec, step)))
+    if outside:
+        raise BadInput(f"{type(step).__name__} compresses the linear layers inside the model's blocks, and the step "
+                       f"also selects {', '.join(outside[:3])}{' …' if len(outside) > 3 else ''}: add "
+                       f"{'it' if len(outside) == 1 else 'them'} to `ignore`, or quantize with an RTN step first")
+    if data is None:
+        if not hasattr(lm, "tokenizer"):
+            raise BadInput(f"{type(step).__name__} calibrates on activations: pass data=[token id batches [B, T]]")
+        data = default_calibration(lm)
+    info = run_sequential(model, spec, data, gptq, step, progress)
+    if hasattr(lm, "info"):
+        lm.info.setdefault("calibration", []).append(
+            {"step": type(step).__name__, **{k: info[k] for k in ("seconds", "capture_s", "peak_rss_mb")}})
+
+
 def _qat(lm, model, step, data, progress):
     from .quant.qat import qat
 
@@ -107,7 +131,7 @@ def _qat(lm, model, step, data, progress):
 # The dispatch tables. Per-layer steps: step config -> convert(layer, step). Whole-model steps (they
 # calibrate or train across layers): step config -> fn(lm, model, step, calibration batches or None, progress).
 CONVERT = {R.RTN: _rtn, R.HQQ: _hqq, R.W8A8Dynamic: _int8_dynamic}
-WHOLE_MODEL = {R.W8A8Static: _int8_static, R.QAT: _qat}
+WHOLE_MODEL = {R.W8A8Static: _int8_static, R.QAT: _qat, R.GPTQ: _gptq}
 
 
 def default_calibration(lm, n: int = 16, length: int = 256, seed: int = 0) -> list[torch.Tensor]:

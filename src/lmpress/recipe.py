@@ -169,7 +169,50 @@ class QAT:
         _check_regex(self.ignore, "ignore")
 
 
-STEPS: dict[str, type] = {cls.__name__: cls for cls in (RTN, HQQ, W8A8Dynamic, W8A8Static, QAT)}
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ (Frantar et al., 2022; quant/gptq.py): weight-only quantization calibrated on activations. Each
+    layer's columns are quantized in turn and each column's rounding error is compensated on the columns not
+    yet quantized, through the inverse Hessian of the layer's output error on calibration inputs; runs in the
+    sequential engine (calibrate.py). damp: fraction of mean(diag H) added to H's diagonal (raised x10 when
+    H will not factor). act_order: quantize the most active input columns first; with groups it needs
+    static_groups=True (every group's parameters chosen up front on the original weight, so groups stay
+    contiguous and store packed like RTN's). block_size: columns per lazy update, a speed knob."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    block_size: int = 128
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_bits(self.bits)
+        _check_group(self.group_size)
+        if isinstance(self.damp, bool):
+            raise BadInput(f"GPTQ damp must be a number >= 0, got {self.damp!r}")
+        try:
+            object.__setattr__(self, "damp", float(self.damp))  # YAML 1.1 reads `damp: 1e-2` as a string
+        except (TypeError, ValueError):
+            raise BadInput(f"GPTQ damp must be a number >= 0, got {self.damp!r}") from None
+        if not 0 <= self.damp < float("inf"):
+            raise BadInput(f"GPTQ damp must be a number >= 0, got {self.damp!r}")
+        for name in ("symmetric", "act_order", "static_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadInput(f"GPTQ {name} must be true or false, got {getattr(self, name)!r}")
+        if self.act_order and self.group_size is not None and not self.static_groups:
+            raise BadInput("GPTQ act_order with groups needs static_groups=True: the groups must stay contiguous "
+                           "in the original column order to be stored packed")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            raise BadInput(f"GPTQ block_size must be a positive integer, got {self.block_size!r}")
+        _check_regex(self.targets, "targets")
+        _check_regex(self.ignore, "ignore")
+
+
+STEPS: dict[str, type] = {cls.__name__: cls for cls in (RTN, HQQ, W8A8Dynamic, W8A8Static, QAT, GPTQ)}
 
 PRESETS: dict[str, list] = {
     "w8": [RTN(bits=8, group_size=None, symmetric=True)],
@@ -185,6 +228,8 @@ PRESETS: dict[str, list] = {
     "hqq-w4g64": [HQQ(bits=4, group_size=64)],
     "hqq-w3g64": [HQQ(bits=3, group_size=64)],
     "qat-w3g64": [QAT(bits=3, group_size=64)],
+    "gptq-w4g128": [GPTQ(bits=4, group_size=128)],
+    "gptq-w3g64": [GPTQ(bits=3, group_size=64)],
 }
 
 

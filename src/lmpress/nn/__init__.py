@@ -42,3 +42,10 @@ def linear_weight(mod: torch.nn.Module) -> torch.Tensor:
     """A linear layer's weight as float32 [O, I] (GPT-2's Conv1D stores the transpose)."""
     w = mod.weight.detach()
     return (w.t() if type(mod).__name__ == "Conv1D" else w).float()
+
+
+def is_float_linear(mod: torch.nn.Module) -> bool:
+    """A linear layer still in float: nn.Linear or GPT-2's Conv1D (not MultiheadAttention's out_proj, whose
+    weight attention reads directly). Converted layers are not."""
+    name = type(mod).__name__
+    return (isinstance(mod, torch.nn.Linear) or name == "Conv1D") and name != "NonDynamicallyQuantizableLinear"

@@ -1,0 +1,268 @@
+"""The sequential engine: calibrated compression one block at a time, for every family an ArchSpec describes.
+
+    capture   run the model once on the calibration batches up to its blocks, recording what each block
+              receives: block 0's hidden states [B, T, D], and every block's other arguments (position
+              embeddings, attention mask — per block, since some families alternate full and sliding-window
+              masks —, position ids, ...). The blocks do no work during capture: each is replaced for that one
+              pass by a recorder that returns its input, and the pass stops at the last block (the final norm
+              and the output head never run).
+    per block observe: hooks on the block's target linears feed their inputs to `algorithm.update_stats`
+              while the block runs every batch; the hooks are removed (always);
+              apply:   `algorithm.apply(module, stats, config)` for each target; a returned module replaces it;
+              propagate: the *compressed* block runs the batches again, and its outputs are the next block's
+              inputs, so each block is calibrated on the errors of the blocks before it, as at inference.
+
+An algorithm is any object (a module, a class, a namespace) with three pure functions; the engine knows
+nothing else about it:
+
+    init_stats(module) -> stats                      empty statistics for one linear layer
+    update_stats(stats, x: Tensor [..., I]) -> stats  fold in a batch of the layer's inputs (in place or new)
+    apply(module, stats, config) -> nn.Module         the compressed layer (or the same module, changed or not)
+
+Targets are the block's linears as ArchSpec.linears names them, filtered by the config's `targets` and
+`ignore` regexes (re.search on the full qualified name, e.g. "model.layers.3.mlp.down_proj") and restricted to
+float linears (a layer an earlier step converted is left alone).
+
+Memory: today everything is in memory — the whole model, plus the activations of all calibration batches at
+one block boundary (N·T·D floats, twice while propagating) and one block's statistics. Streaming the weights
+from a safetensors folder or a GGUF file block by block, spilling activations to disk and a device choice
+(CUDA) are later work and belong here, behind the same `run_sequential`; the algorithm functions do not change.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import BadInput, LmpressError
+from .nn import is_float_linear
+
+
+class _StopForward(Exception):
+    """Raised by the last block's recorder: the capture pass has what it needs."""
+
+
+@dataclass
+class Captured:
+    """What the blocks receive, per calibration batch.
+
+    hidden[b]: block 0's input hidden states for batch b, [B, T, D] (the engine overwrites it with each
+    block's output as it goes). calls[b][i]: the other positional arguments and the keyword arguments block i
+    received for batch b (tensors shared between blocks are stored once: the same objects)."""
+
+    hidden: list[Tensor] = field(default_factory=list)
+    calls: list[list[tuple[tuple, dict]]] = field(default_factory=list)
+
+
+def _no_cache(x):
+    """A KV cache object is replaced by None: re-running a block must not append to a cache."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover
+        return x
+    return None if isinstance(x, Cache) else x
+
+
+def _check_batches(batches) -> list[Tensor]:
+    batches = list(batches) if batches is not None else []
+    if not batches:
+        raise BadInput("the sequential engine needs calibration batches: a non-empty list of token ids [B, T]")
+    for i, b in enumerate(batches):
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.is_floating_point() or b.numel() == 0:
+            raise BadInput(f"calibration batch {i} must be a non-empty integer tensor of token ids [B, T]; got "
+                           f"{type(b).__name__} {getattr(b, 'dtype', '')} {tuple(getattr(b, 'shape', ()))}")
+    return batches
+
+
+def capture_block_inputs(model: torch.nn.Module, spec, batches: list[Tensor]) -> Captured:
+    """Run `model` on each batch up to its blocks and return what each block receives (see Captured).
+
+    The model is put in eval mode and restored; each block's forward is replaced by a recorder only for the
+    duration of this call."""
+    blocks = spec.block_list(model)
+    if len(blocks) == 0:
+        raise BadInput(f"{type(model).__name__} has no blocks at '{spec.blocks}'")
+    batches = _check_batches(batches)
+    device = next(model.parameters()).device
+    kw = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    cap = Captured()
+    calls: dict[int, tuple[tuple, dict]] = {}
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            if args:
+                hidden, rest = args[0], tuple(_no_cache(a) for a in args[1:])
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            calls[i] = (rest, {k: _no_cache(v) for k, v in kwargs.items()})
+            if i == 0:
+                cap.hidden.append(hidden)
+            if i == len(blocks) - 1:
+                raise _StopForward
+            return hidden  # identity: the blocks do no work during capture
+        return forward
+
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i)  # an instance attribute shadows the class's forward
+        for ids in batches:
+            calls.clear()
+            try:
+                model(ids.to(device), **kw)
+            except _StopForward:
+                pass
+            if len(calls) != len(blocks):
+                raise BadInput(f"capturing block inputs: the model called {len(calls)} of its {len(blocks)} "
+                               f"blocks; the engine needs every block at '{spec.blocks}' on the forward path")
+            cap.calls.append([calls[i] for i in range(len(blocks))])
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+        for m, training in modes.items():
+            m.training = training
+    return cap
+
+
+def _run_block(block: torch.nn.Module, hidden: Tensor, call: tuple[tuple, dict]) -> Tensor:
+    args, kwargs = call
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out  # transformers 5.x blocks return the tensor
+
+
+def block_targets(spec, block: torch.nn.Module, index: int, config) -> dict[str, tuple[str, torch.nn.Module]]:
+    """{full qualified name: (path inside the block, module)} of the float linears of block `index` that
+    config's targets/ignore select."""
+    targets, ignore = getattr(config, "targets", None), getattr(config, "ignore", None)
+    out = {}
+    for path, mod in spec.linears(block).items():
+        name = f"{spec.blocks}.{index}.{path}"
+        if not is_float_linear(mod):
+            continue
+        if targets is not None and not re.search(targets, name):
+            continue
+        if ignore is not None and re.search(ignore, name):
+            continue
+        out[name] = (path, mod)
+    return out
+
+
+def all_targets(model: torch.nn.Module, spec, config) -> dict[str, torch.nn.Module]:
+    """{full qualified name: module} of every block linear run_sequential would compress with `config` (for
+    a caller to check, before running, that a step's selection is what the engine covers)."""
+    return {name: mod for i, block in enumerate(spec.block_list(model))
+            for name, (_path, mod) in block_targets(spec, block, i, config).items()}
+
+
+def _replace(block: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = block.get_submodule(parent_path) if parent_path else block
+    setattr(parent, child, new)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, progress: bool = False) -> dict:
+    """Compress the block linears of `lm_or_model` (a LoadedModel or an nn.Module) in place, block by block.
+
+    spec: the model's ArchSpec. batches: calibration token ids, a list of [B, T] tensors. algorithm: an
+    object with init_stats / update_stats / apply (module docstring). config: the step config, passed to
+    apply as is; its `targets` and `ignore` (when present) select the layers.
+
+    Returns {"layers": [names compressed], "blocks": n, "capture_s", "block_s": [seconds per block],
+    "seconds", "peak_rss_mb": peak resident memory of the process (it includes everything the process held
+    before; compare with a run without compression)}.
+    Raises BadInput for no batches, a selection that matches no layer (before any work), non-finite
+    activations (naming the block) or an algorithm error (prefixed with the layer's name)."""
+    from .eval.report import progress_bar
+
+    # a LoadedModel holds the module; an nn.Module is the model itself (a CausalLM's own `.model` is its body)
+    model = lm_or_model if isinstance(lm_or_model, torch.nn.Module) else lm_or_model.model
+    t0 = time.perf_counter()
+    blocks = spec.block_list(model)
+    if not all_targets(model, spec, config):
+        raise BadInput(f"{type(config).__name__}: targets={getattr(config, 'targets', None)!r} "
+                       f"ignore={getattr(config, 'ignore', None)!r} match no float linear layer in the blocks "
+                       f"of this {type(model).__name__}")
+    modes = {m: m.training for m in model.modules()}
+    done: list[str] = []
+    block_s: list[float] = []
+    with torch.no_grad():  # not inference_mode: the new modules' buffers must stay ordinary tensors
+        cap = capture_block_inputs(model, spec, batches)
+        capture_s = time.perf_counter() - t0
+        try:
+            model.eval()
+            with progress_bar(len(blocks), type(config).__name__, progress, unit="block") as bar:
+                for i, block in enumerate(blocks):
+                    tb = time.perf_counter()
+                    done += _compress_block(block, i, spec, cap, algorithm, config)
+                    block_s.append(time.perf_counter() - tb)
+                    bar.update(1)
+        finally:
+            for m in model.modules():  # replacement modules take the model's own flag
+                m.training = modes.get(m, modes[model])
+    return {"layers": done, "blocks": len(blocks), "capture_s": capture_s, "block_s": block_s,
+            "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+
+
+def _compress_block(block, index: int, spec, cap: Captured, algorithm, config) -> list[str]:
+    """Observe, apply and propagate one block; cap.hidden becomes the next block's inputs."""
+    targets = block_targets(spec, block, index, config)
+    if targets:
+        # observe: one hook per distinct module (a module under two names is observed and replaced once)
+        stats, handles = {}, []
+
+        def hook_for(name):
+            def hook(_module, args, kwargs, _output):
+                x = args[0] if args else kwargs["input"]  # [..., I]
+                new = algorithm.update_stats(stats[name], x)
+                if new is not None:
+                    stats[name] = new
+            return hook
+
+        seen = {}
+        for name, (_path, mod) in targets.items():
+            if id(mod) not in seen:
+                seen[id(mod)] = name
+                stats[name] = algorithm.init_stats(mod)
+        try:
+            for name in seen.values():
+                handles.append(targets[name][1].register_forward_hook(hook_for(name), with_kwargs=True))
+            for b, hidden in enumerate(cap.hidden):
+                _run_block(block, hidden, cap.calls[b][index])
+        finally:
+            for h in handles:
+                h.remove()
+        # apply, then swap the replacements in
+        new_by_id = {}
+        for mid, name in seen.items():
+            mod = targets[name][1]
+            try:
+                new_by_id[mid] = algorithm.apply(mod, stats.pop(name), config)
+            except LmpressError as e:
+                raise type(e)(f"{name}: {e}") from None
+        for name, (path, mod) in targets.items():
+            new = new_by_id[id(mod)]
+            if new is not None and new is not mod:
+                _replace(block, path, new)
+    # propagate through the compressed block
+    for b, hidden in enumerate(cap.hidden):
+        out = _run_block(block, hidden, cap.calls[b][index])
+        if not torch.isfinite(out).all():
+            raise BadInput(f"block {index} ({spec.blocks}.{index}) produced inf or NaN activations on "
+                           f"calibration batch {b}" + (" after compression" if targets else ""))
+        cap.hidden[b] = out
+    return list(targets)

@@ -1,0 +1,184 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler & Alistarh, 2022): quantize a linear layer's weight one input column at a
+time, pushing each column's rounding error onto the columns not yet quantized, weighted by the inverse
+Hessian of the layer's reconstruction loss ‖XWᵀ − XŴᵀ‖², so that the layer's *outputs* change little.
+
+Three pure functions for the sequential engine (calibrate.py):
+
+    init_stats(module)          {"H": Σ XᵀX [I, I] float64, "n": rows seen}
+    update_stats(stats, x)      x: [..., I], the layer's inputs; adds xᵀx and the row count
+    apply(module, stats, cfg)   a PackedLinear with the codes GPTQ chose
+
+apply, step by step (W: [O, I] float32, H = 2/n · Σ XᵀX: [I, I]):
+
+1. dead inputs: a column whose input is always 0 (diag(H) = 0) gets H[j, j] = 1 and W[:, j] = 0;
+2. act_order: columns permuted by descending diag(H) (the most active inputs first, while the most columns are
+   left to absorb their error). With groups, act_order needs static groups: every group's parameters are
+   chosen up front on the un-permuted weight, so groups stay contiguous in the original column order — the
+   only layout PackedLinear stores;
+3. dampening: damp · mean(diag(H)) added to the diagonal; if H + damp does not factor, damp is raised ×10
+   (0 → 0.001) up to 4 times, then a BadInput;
+4. U = upper Cholesky factor of H⁻¹ (float64, then float32);
+5. the lazy-batch loop over blocks of columns: inside a block, quantize column j, err = (w_j − q_j) / U[j, j],
+   update the block's later columns at once (W[:, j+1:] −= err ⊗ U[j, j+1:]); after the block, apply the whole
+   block's error to the columns after it with one matmul. The block size is rounded to whole groups, so that a
+   group never straddles two blocks and its parameters are chosen on fully error-updated columns;
+6. group parameters (non-static): when a group starts, min-max (or symmetric) parameters of the group's
+   current columns via compute_qparams, rounded to fp16 (storage_qparams) so that codes are chosen against
+   exactly the values dequantization uses. group_size None: one set per row, chosen before the loop.
+
+A partial last group (I not a multiple of group_size) is padded with zero columns, as rtn.py does: the padded
+columns have a diagonal H and no coupling to the real ones, so they stay exactly 0 and receive no error;
+they only widen the last group's range to include 0, as RTN's padding does. Their Hessian diagonal is the
+mean of the real one, which leaves the dampening unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import BadInput
+from ..nn import linear_weight
+from ..nn.packed import PackedLinear, pad_to_groups
+from .primitives import QParams, check_bits, compute_qparams
+from .rtn import storage_qparams
+
+
+def init_stats(module: torch.nn.Module) -> dict:
+    w = linear_weight(module)
+    return {"H": torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device), "n": 0}
+
+
+def update_stats(stats: dict, x: Tensor) -> dict:
+    """x: [..., I] inputs of the layer; H accumulates Σ xᵀx over all rows (float32 product, float64 sum)."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()  # [N, I]
+    stats["H"] += (x.t() @ x).double()
+    stats["n"] += x.shape[0]
+    return stats
+
+
+def hessian(stats: dict) -> Tensor:
+    """H = 2/n · Σ XᵀX, [I, I] float64."""
+    if stats["n"] == 0:
+        raise BadInput("GPTQ saw no calibration inputs for this layer")
+    H = stats["H"] * (2.0 / stats["n"])
+    if not torch.isfinite(H).all():
+        raise BadInput("GPTQ: the layer's calibration inputs contain inf or NaN")
+    return H
+
+
+def _inverse_cholesky(H: Tensor, damp: float, tries: int = 4) -> tuple[Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H); damp ×10 on failure. float64 in, out."""
+    mean_diag = torch.diagonal(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(tries + 1):
+        if attempt:
+            damp = damp * 10 if damp > 0 else 1e-3
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U, damp
+    raise BadInput(f"GPTQ: the Hessian does not factor even with damp={damp:g}; give more (or more varied) "
+                   f"calibration data, or a larger damp")
+
+
+def _group_params(w: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Per-row parameters of the columns w: [O, g] → scale, zero: [O] (fp16-representable)."""
+    qp = storage_qparams(compute_qparams(w, bits, None, symmetric=symmetric))
+    return qp.scale[:, 0], qp.zero[:, 0]
+
+
+def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
+                  damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                  block_size: int = 128) -> tuple[Tensor, QParams]:
+    """W: [O, I] float, H: [I, I] (2/n · Σ XᵀX) → codes [O, I] uint8 and QParams (scale, zero: [O, n_groups],
+    group_size as given; I must be a multiple of group_size: pad first)."""
+    bits = check_bits(bits)
+    O, I = W.shape
+    g = group_size or I
+    if I % g:
+        raise BadInput(f"gptq_quantize: group_size={group_size} must divide in_features={I} (pad first)")
+    if act_order and group_size is not None and not static_groups:
+        raise BadInput("GPTQ act_order with groups needs static_groups=True: groups must stay contiguous in the "
+                       "original column order to be stored packed")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < float("inf"):
+        raise BadInput(f"GPTQ damp must be a number >= 0, got {damp!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise BadInput(f"GPTQ block_size must be a positive integer, got {block_size!r}")
+    W = W.detach().float().clone()
+    if not torch.isfinite(W).all():
+        raise BadInput("GPTQ: the weight contains inf or NaN")
+    H = H.detach().double().clone()
+    qlo, qhi = (1 if symmetric else 0), 2**bits - 1
+    n_groups = I // g
+
+    # 1. dead inputs
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    # parameters chosen up front: per channel, or static groups (on the un-permuted, un-updated weight)
+    scale = torch.zeros(O, n_groups, device=W.device)  # [O, n_groups]
+    zero = torch.zeros(O, n_groups, device=W.device)
+    upfront = group_size is None or static_groups
+    if upfront:
+        for k in range(n_groups):
+            scale[:, k], zero[:, k] = _group_params(W[:, k * g:(k + 1) * g], bits, symmetric)
+
+    # 2. act order: perm[j] = original column quantized j-th
+    perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
+            else torch.arange(I, device=W.device))
+    W, H = W[:, perm], H[perm][:, perm]
+
+    # 3-4. dampening and the upper Cholesky factor of H⁻¹
+    U = _inverse_cholesky(H, damp)[0].float()  # [I, I]
+    del H
+
+    # 5. the lazy-batch loop; blocks are whole groups when grouping is dynamic
+    B = block_size if upfront else max(1, block_size // g) * g
+    codes = torch.zeros(O, I, dtype=torch.uint8, device=W.device)
+    group_of = (perm // g).tolist()  # [I]: group (original order) of each permuted column
+    for i1 in range(0, I, B):
+        i2 = min(i1 + B, I)
+        W1 = W[:, i1:i2].clone()  # [O, b], the block's columns, updated as we go
+        E1 = torch.zeros_like(W1)  # [O, b], scaled errors of the block's columns
+        U1 = U[i1:i2, i1:i2]  # [b, b]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not upfront and j % g == 0:  # 6. a new group: parameters of its current columns
+                scale[:, j // g], zero[:, j // g] = _group_params(W1[:, i:i + g], bits, symmetric)
+            k = group_of[j]
+            s, z = scale[:, k], zero[:, k]  # [O]
+            w = W1[:, i]  # [O]
+            q = torch.clamp(torch.round(w / s) + z, qlo, qhi)  # codes, the formula of primitives.quantize
+            codes[:, j] = q.to(torch.uint8)
+            err = (w - (q - z) * s) / U1[i, i]  # [O]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # column i itself becomes its dequantized value
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the block's error onto every later column at once
+
+    codes = codes[:, torch.argsort(perm)]  # back to the original column order
+    return codes, QParams(scale, zero, bits, group_size, symmetric)
+
+
+def apply(module: torch.nn.Module, stats: dict, config) -> PackedLinear:
+    """A PackedLinear with `module`'s weight quantized by GPTQ with config.bits, .group_size, .symmetric, .damp,
+    .act_order, .static_groups and .block_size (missing fields take the defaults of gptq_quantize)."""
+    bits = check_bits(config.bits)
+    group_size = getattr(config, "group_size", None)
+    symmetric = getattr(config, "symmetric", False)
+    W = linear_weight(module)  # [O, I]
+    in_f = W.shape[1]
+    H = hessian(stats)  # [I, I]
+    W = pad_to_groups(W, group_size)  # [O, I'], zero columns up to whole groups
+    if W.shape[1] > in_f:  # padded inputs: a diagonal Hessian (no coupling to the real ones) at the mean of the
+        pad = W.shape[1] - in_f  # real diagonal, so that the dampening (∝ mean diag) does not change
+        d = float(torch.diagonal(H).mean()) or 1.0
+        H = torch.block_diag(H, d * torch.eye(pad, dtype=H.dtype, device=H.device))
+    codes, qp = gptq_quantize(W, H, bits, group_size, symmetric, damp=getattr(config, "damp", 0.01),
+                              act_order=getattr(config, "act_order", False),
+                              static_groups=getattr(config, "static_groups", False),
+                              block_size=getattr(config, "block_size", 128))
+    return PackedLinear.from_codes(codes[:, :in_f], qp, module.bias, symmetric=symmetric)
