@@ -37,6 +37,19 @@ RECIPES = {
 }
 
 
+def speed(base, name, steps, a):
+    """Decode speed only: the same bench, side by side for each recipe, at each thread count."""
+    lm = copy.deepcopy(base)
+    if steps:
+        lmpress.compress(lm, steps)
+    row = {"recipe": name}
+    for t in a.speed_threads.split(","):
+        b = lmpress.bench(lm, threads=int(t), prompt_tokens=64, gen_tokens=64, repeats=5)
+        row[f"decode_tokens_per_s_t{t}"] = b["decode_tokens_per_s"]
+        row[f"prefill_tokens_per_s_t{t}"] = b["prefill_tokens_per_s"]
+    return row
+
+
 def measure(base, name, steps, text, a):
     lm = copy.deepcopy(base)
     t0 = time.perf_counter()
@@ -85,6 +98,7 @@ def main():
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--out")
     ap.add_argument("--no-bench", action="store_true", help="skip decode timing (e.g. on a busy machine)")
+    ap.add_argument("--speed-threads", help="only decode/prefill speed, at these thread counts (e.g. 1,2)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out or Path(__file__).parent / "results" / f"quant-{a.name}.jsonl")
@@ -92,6 +106,15 @@ def main():
     done = {json.loads(line)["recipe"]: json.loads(line) for line in out.read_text().splitlines()} \
         if out.exists() else {}
     base = lmpress.load(a.model)
+    if a.speed_threads:
+        rows = [speed(base, name, RECIPES[name], a) for name in a.recipes.split(",")]
+        keys = [k for k in rows[0] if k != "recipe"]
+        print("| recipe | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+        for r in rows:
+            print(f"| {r['recipe']} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+        print(f"\n{Path(a.model).name}; greedy decode of 64 tokens after a 64-token prompt, median of 5, "
+              f"transformers forward over lmpress modules")
+        return
     text = load_text("wikitext2", a.data_dir)
     for name in a.recipes.split(","):
         if name in done:

@@ -108,3 +108,23 @@ def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "lmpress.cli", "info", "/no/such/path"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and r.stderr.strip() == "lmpress: error: no such model file or folder: /no/such/path"
+
+
+def test_quantize_prune_compress_commands(capsys, stories_dir, story_file, tmp_path):
+    res = run_json(capsys, "quantize", stories_dir / "hf", "--scheme", "w4g32", "--method", "hqq", "--out",
+                   tmp_path / "q", "--data", story_file, "--ctx", 64)
+    assert res["recipe"][0]["step"] == "HQQ" and res["size_bytes"] < res["input_size_bytes"]
+    assert 4 < res["quantized_bits_per_weight"] < 5.2 and res["eval"]["kld"] > 0
+    assert lmpress.load(tmp_path / "q").recipe == res["recipe"]
+    assert "already exists" in _error(capsys, "quantize", stories_dir / "hf", "--scheme", "w4", "--out", tmp_path / "q")
+    res = run_json(capsys, "prune", stories_dir / "hf", "--method", "magnitude", "--pattern", "2:4", "--out",
+                   tmp_path / "p", "--no-eval")
+    assert res["recipe"][0]["pattern"] == "2:4" and "eval" not in res
+    w = lmpress.load(tmp_path / "p").model.model.layers[0].mlp.up_proj.weight
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    res = run_json(capsys, "compress", stories_dir / "hf", "--recipe", "w8a8-dynamic", "--out", tmp_path / "c",
+                   "--force", "--no-eval")
+    assert res["recipe"][0]["step"] == "W8A8Dynamic"
+    assert "bits" in _error(capsys, "quantize", stories_dir / "hf", "--scheme", "w9", "--out", tmp_path / "x")
+    assert "sparsity" in _error(capsys, "prune", stories_dir / "hf", "--sparsity", "1.0", "--out", tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -65,12 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=_positive, default=2048, help="tokens per forward pass (default 2048)")
 
     for name, help_ in (("quantize", "weight-only quantization: --scheme w4g128 --method rtn|hqq"),
-                        ("compress", "apply a recipe: a preset name or a YAML/JSON file")):
+                        ("compress", "apply a recipe: a preset name or a YAML/JSON file"),
+                        ("prune", "unstructured or N:M pruning: --method magnitude|wanda|sparsegpt")):
         p = sub.add_parser(name, help=help_, epilog=EPILOG)
         _common(p)
         if name == "quantize":
             p.add_argument("--scheme", required=True, help="wBITS[gGROUP], e.g. w8, w4g128, w4, w3g64, w2g32")
             p.add_argument("--method", choices=["rtn", "hqq"], default="rtn")
+        elif name == "prune":
+            p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
+            p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed, in [0, 1)")
+            p.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4 (sparsity is then N/M)")
         else:
             from .recipe import PRESETS
 
@@ -242,6 +247,12 @@ def cmd_quantize(args) -> tuple[dict, str]:
     return _compress_command(args, scheme(args.scheme, args.method))
 
 
+def cmd_prune(args) -> tuple[dict, str]:
+    from .recipe import pruning
+
+    return _compress_command(args, pruning(args.method, args.sparsity, args.pattern))
+
+
 def cmd_compress(args) -> tuple[dict, str]:
     from .recipe import load_recipe
 
@@ -249,7 +260,7 @@ def cmd_compress(args) -> tuple[dict, str]:
 
 
 COMMANDS = {"info": cmd_info, "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize,
-            "compress": cmd_compress}
+            "compress": cmd_compress, "prune": cmd_prune}
 
 
 def _quiet_libraries():

@@ -95,10 +95,11 @@ def _int8_static(lm, model, step, data, progress):
     replace_layers(model, step, lambda mod, _s: Int8StaticLinear.from_linear(mod, *by_id[id(mod)]), progress)
 
 
-def _gptq(lm, model, step, data, progress):
+def _sequential(lm, model, step, data, progress, algorithm):
+    """A calibrated step through the sequential engine: `algorithm` is a module with init_stats / update_stats
+    / apply (calibrate.py)."""
     from .calibrate import all_targets, run_sequential
     from .models.arch import arch_for
-    from .quant import gptq
 
     wanted = select(model, step)  # the usual error when targets/ignore match no float linear layer
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -110,15 +111,39 @@ def _gptq(lm, model, step, data, progress):
     if outside:
         raise BadInput(f"{type(step).__name__} compresses the linear layers inside the model's blocks, and the step "
                        f"also selects {', '.join(outside[:3])}{' …' if len(outside) > 3 else ''}: add "
-                       f"{'it' if len(outside) == 1 else 'them'} to `ignore`, or quantize with an RTN step first")
+                       f"{'it' if len(outside) == 1 else 'them'} to `ignore` (a data-free step such as RTN can take them)")
     if data is None:
         if not hasattr(lm, "tokenizer"):
             raise BadInput(f"{type(step).__name__} calibrates on activations: pass data=[token id batches [B, T]]")
         data = default_calibration(lm)
-    info = run_sequential(model, spec, data, gptq, step, progress)
+    info = run_sequential(model, spec, data, algorithm, step, progress)
     if hasattr(lm, "info"):
         lm.info.setdefault("calibration", []).append(
             {"step": type(step).__name__, **{k: info[k] for k in ("seconds", "capture_s", "peak_rss_mb")}})
+
+
+def _gptq(lm, model, step, data, progress):
+    from .quant import gptq
+
+    _sequential(lm, model, step, data, progress, gptq)
+
+
+def _magnitude(mod, step):
+    from .prune.magnitude import prune_magnitude
+
+    return prune_magnitude(mod, step)  # zeroes in place; returns the same module
+
+
+def _wanda(lm, model, step, data, progress):
+    from .prune import wanda
+
+    _sequential(lm, model, step, data, progress, wanda)
+
+
+def _sparsegpt(lm, model, step, data, progress):
+    from .prune import sparsegpt
+
+    _sequential(lm, model, step, data, progress, sparsegpt)
 
 
 def _qat(lm, model, step, data, progress):
@@ -130,8 +155,8 @@ def _qat(lm, model, step, data, progress):
 
 # The dispatch tables. Per-layer steps: step config -> convert(layer, step). Whole-model steps (they
 # calibrate or train across layers): step config -> fn(lm, model, step, calibration batches or None, progress).
-CONVERT = {R.RTN: _rtn, R.HQQ: _hqq, R.W8A8Dynamic: _int8_dynamic}
-WHOLE_MODEL = {R.W8A8Static: _int8_static, R.QAT: _qat, R.GPTQ: _gptq}
+CONVERT = {R.RTN: _rtn, R.HQQ: _hqq, R.W8A8Dynamic: _int8_dynamic, R.Magnitude: _magnitude}
+WHOLE_MODEL = {R.W8A8Static: _int8_static, R.QAT: _qat, R.GPTQ: _gptq, R.Wanda: _wanda, R.SparseGPT: _sparsegpt}
 
 
 def default_calibration(lm, n: int = 16, length: int = 256, seed: int = 0) -> list[torch.Tensor]:

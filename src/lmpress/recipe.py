@@ -212,7 +212,102 @@ class GPTQ:
         _check_regex(self.ignore, "ignore")
 
 
-STEPS: dict[str, type] = {cls.__name__: cls for cls in (RTN, HQQ, W8A8Dynamic, W8A8Static, QAT, GPTQ)}
+def _check_prune(step) -> None:
+    """sparsity in [0, 1) (stored as a float), pattern None or "N:M" with 1 <= N < M, the two regexes."""
+    from .prune.masks import check_sparsity, parse_pattern
+
+    name = type(step).__name__
+    try:
+        object.__setattr__(step, "sparsity", check_sparsity(step.sparsity))
+        parse_pattern(step.pattern)
+    except BadInput as e:
+        raise BadInput(f"{name}: {e}") from None
+    _check_regex(step.targets, "targets")
+    _check_regex(step.ignore, "ignore")
+
+
+@dataclass(frozen=True)
+class Magnitude:
+    """Magnitude pruning (prune/magnitude.py), data-free: zero the smallest |W| of each output row (exactly
+    floor(sparsity · in_features) per row), or with pattern "N:M" keep the N largest of every M consecutive
+    inputs ("2:4", "4:8"; sparsity is then ignored). Pruned layers stay dense, with exact zeros."""
+
+    sparsity: float = 0.5
+    pattern: str | None = None
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_prune(self)
+
+
+@dataclass(frozen=True)
+class Wanda:
+    """Wanda (Sun et al., 2023; prune/wanda.py): prune by |W_ij|·‖X_j‖₂, the weight times its input feature's
+    norm on calibration data, per output row (exactly floor(sparsity · in_features)) or N:M ("2:4": 2 kept of
+    every 4 consecutive inputs; sparsity then ignored). No weight update; runs in the sequential engine."""
+
+    sparsity: float = 0.5
+    pattern: str | None = None
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_prune(self)
+
+
+@dataclass(frozen=True)
+class SparseGPT:
+    """SparseGPT (Frantar & Alistarh, 2023; prune/sparsegpt.py): OBS pruning through the inverse Hessian of
+    each layer's output error, the kept weights updated to compensate; unstructured (exactly
+    floor(sparsity · O · I) per layer, the mask chosen adaptively per block of `block_size` columns — smaller
+    blocks spread sparsity more evenly over the columns) or N:M. bits set: the kept weights are quantized in
+    the same pass on GPTQ's grid (group_size, symmetric), 0 always on the grid, and the layer is stored packed
+    like GPTQ's. damp: fraction of mean(diag H) added to H's diagonal (raised x10 when H will not factor)."""
+
+    sparsity: float = 0.5
+    pattern: str | None = None
+    bits: int | None = None
+    group_size: int | None = 128
+    symmetric: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_prune(self)
+        if self.bits is not None:
+            _check_bits(self.bits)
+        _check_group(self.group_size)
+        if isinstance(self.damp, bool):
+            raise BadInput(f"SparseGPT damp must be a number >= 0, got {self.damp!r}")
+        try:
+            object.__setattr__(self, "damp", float(self.damp))  # YAML 1.1 reads `damp: 1e-2` as a string
+        except (TypeError, ValueError):
+            raise BadInput(f"SparseGPT damp must be a number >= 0, got {self.damp!r}") from None
+        if not 0 <= self.damp < float("inf"):
+            raise BadInput(f"SparseGPT damp must be a number >= 0, got {self.damp!r}")
+        if not isinstance(self.symmetric, bool):
+            raise BadInput(f"SparseGPT symmetric must be true or false, got {self.symmetric!r}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            raise BadInput(f"SparseGPT block_size must be a positive integer, got {self.block_size!r}")
+
+
+PRUNE_METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+
+
+def pruning(method: str, sparsity: float = 0.5, pattern: str | None = None, **fields) -> list:
+    """`lmpress prune --method wanda --sparsity 0.5 --pattern 2:4` → [Wanda(sparsity=0.5, pattern="2:4")];
+    fields: any other field of the step (e.g. bits=4 for SparseGPT)."""
+    cls = PRUNE_METHODS.get(str(method).strip().lower())
+    if cls is None:
+        raise BadInput(f"unknown pruning method '{method}' (magnitude, wanda or sparsegpt)")
+    return [from_dict({"step": cls.__name__, "sparsity": sparsity, "pattern": pattern, **fields})]
+
+
+STEPS: dict[str, type] = {cls.__name__: cls for cls in (RTN, HQQ, W8A8Dynamic, W8A8Static, QAT, GPTQ, Magnitude,
+                                                        Wanda, SparseGPT)}
 
 PRESETS: dict[str, list] = {
     "w8": [RTN(bits=8, group_size=None, symmetric=True)],
@@ -230,6 +325,12 @@ PRESETS: dict[str, list] = {
     "qat-w3g64": [QAT(bits=3, group_size=64)],
     "gptq-w4g128": [GPTQ(bits=4, group_size=128)],
     "gptq-w3g64": [GPTQ(bits=3, group_size=64)],
+    "magnitude-50": [Magnitude(0.5)],
+    "wanda-50": [Wanda(0.5)],
+    "wanda-2:4": [Wanda(pattern="2:4")],
+    "sparsegpt-50": [SparseGPT(0.5)],
+    "sparsegpt-2:4": [SparseGPT(pattern="2:4")],
+    "sparsegpt-2:4-w4g128": [SparseGPT(pattern="2:4", bits=4, group_size=128)],
 }
 
 
@@ -289,7 +390,7 @@ def _read_file(path: Path) -> list:
 
 def scheme(text: str, method: str = "rtn") -> list:
     """`--scheme w4g128 --method hqq` → [HQQ(bits=4, group_size=128)]; 'w8' is per channel."""
-    m = re.fullmatch(r"w([2-8])(?:g(\d+))?", text.strip().lower())
+    m = re.fullmatch(r"w(\d+)(?:g(\d+))?", text.strip().lower())
     if not m:
         raise BadInput(f"unknown scheme '{text}': use wBITS[gGROUP], e.g. w4g128, w8, w3g64")
     bits, group = int(m.group(1)), int(m.group(2)) if m.group(2) else None
