@@ -19,6 +19,14 @@ nothing else about it:
     update_stats(stats, x: Tensor [..., I]) -> stats  fold in a batch of the layer's inputs (in place or new)
     apply(module, stats, config) -> nn.Module         the compressed layer (or the same module, changed or not)
 
+and, optionally, a fourth for work across the layers of a block (AWQ and SmoothQuant fold scales into the op
+before a group of linears), called once per block between observing and applying:
+
+    prepare_block(block, spec, stats: {path in block: stats}, config) -> stats   changes the float block in
+                                                      place and returns the statistics of its layers' new
+                                                      inputs; the block must compute the same function
+                                                      (checked on calibration batch 0)
+
 Targets are the block's linears as ArchSpec.linears names them, filtered by the config's `targets` and
 `ignore` regexes (re.search on the full qualified name, e.g. "model.layers.3.mlp.down_proj") and restricted to
 float linears (a layer an earlier step converted is left alone).
@@ -218,6 +226,28 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
             "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
+def _prepare_block(block, index: int, spec, cap: Captured, algorithm, config, targets, seen, stats, ref) -> None:
+    """Cross-layer work before the per-layer apply (AWQ, SmoothQuant fold scales into the op before a group
+    of linears): algorithm.prepare_block(block, spec, {path in block: stats}, config) changes the float block
+    in place and returns the statistics of its new inputs. It must leave the block's function unchanged:
+    checked on calibration batch 0, so a family whose ArchSpec norm is not the op feeding its projections
+    (a post-norm) fails here, naming the block, instead of leaving a silently different model."""
+    where = f"{spec.blocks}.{index}"
+    by_path = {targets[name][0]: name for name in seen.values()}
+    try:
+        new = algorithm.prepare_block(block, spec, {p: stats[n] for p, n in by_path.items()}, config)
+    except LmpressError as e:
+        raise type(e)(f"{where}: {e}") from None
+    stats.update({by_path[p]: st for p, st in new.items()})
+    out = _run_block(block, cap.hidden[0], cap.calls[0][index])
+    diff, norm = torch.linalg.vector_norm((out - ref).float()), torch.linalg.vector_norm(ref.float())
+    err = float(diff / norm.clamp_min(1e-30))
+    if not err <= max(1e-3, 10 * torch.finfo(out.dtype).eps):
+        raise BadInput(f"{where}: {type(config).__name__}'s rescaling changed the block's output (relative error "
+                       f"{err:.1e}); the ArchSpec's attn_norm/mlp_norm of this family must be the ops that feed "
+                       f"its projections")
+
+
 def _compress_block(block, index: int, spec, cap: Captured, algorithm, config) -> list[str]:
     """Observe, apply and propagate one block; cap.hidden becomes the next block's inputs."""
     targets = block_targets(spec, block, index, config)
@@ -242,10 +272,14 @@ def _compress_block(block, index: int, spec, cap: Captured, algorithm, config) -
             for name in seen.values():
                 handles.append(targets[name][1].register_forward_hook(hook_for(name), with_kwargs=True))
             for b, hidden in enumerate(cap.hidden):
-                _run_block(block, hidden, cap.calls[b][index])
+                out = _run_block(block, hidden, cap.calls[b][index])
+                if b == 0:
+                    ref = out  # the float block's output on batch 0: prepare_block must not change it
         finally:
             for h in handles:
                 h.remove()
+        if hasattr(algorithm, "prepare_block"):
+            _prepare_block(block, index, spec, cap, algorithm, config, targets, seen, stats, ref)
         # apply, then swap the replacements in
         new_by_id = {}
         for mid, name in seen.items():

@@ -146,6 +146,18 @@ def _sparsegpt(lm, model, step, data, progress):
     _sequential(lm, model, step, data, progress, sparsegpt)
 
 
+def _awq(lm, model, step, data, progress):
+    from .quant import awq
+
+    _sequential(lm, model, step, data, progress, awq)
+
+
+def _smoothquant(lm, model, step, data, progress):
+    from .quant import smoothquant
+
+    _sequential(lm, model, step, data, progress, smoothquant)
+
+
 def _qat(lm, model, step, data, progress):
     from .quant.qat import qat
 
@@ -156,7 +168,8 @@ def _qat(lm, model, step, data, progress):
 # The dispatch tables. Per-layer steps: step config -> convert(layer, step). Whole-model steps (they
 # calibrate or train across layers): step config -> fn(lm, model, step, calibration batches or None, progress).
 CONVERT = {R.RTN: _rtn, R.HQQ: _hqq, R.W8A8Dynamic: _int8_dynamic, R.Magnitude: _magnitude}
-WHOLE_MODEL = {R.W8A8Static: _int8_static, R.QAT: _qat, R.GPTQ: _gptq, R.Wanda: _wanda, R.SparseGPT: _sparsegpt}
+WHOLE_MODEL = {R.W8A8Static: _int8_static, R.QAT: _qat, R.GPTQ: _gptq, R.Wanda: _wanda, R.SparseGPT: _sparsegpt,
+               R.AWQ: _awq, R.SmoothQuant: _smoothquant}
 
 
 def default_calibration(lm, n: int = 16, length: int = 256, seed: int = 0) -> list[torch.Tensor]:

@@ -306,8 +306,65 @@ def pruning(method: str, sparsity: float = 0.5, pattern: str | None = None, **fi
     return [from_dict({"step": cls.__name__, "sparsity": sparsity, "pattern": pattern, **fields})]
 
 
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ (Lin et al., 2023; quant/awq.py): weight-only quantization that first scales up the input columns
+    carrying large activations (W·diag(s)) and folds 1/s into the op before (a norm, or v/up_proj), with
+    s = mean|X|^α and α the best of `grid` values in [0, 1) for the output error of each group of linears
+    sharing an input; then RTN codes of the scaled weight, each group's range clipped to the output-optimal
+    shrink when clip=True. Runs in the sequential engine. scale_only=True folds the scales and leaves the
+    layers float, for a following quantizer ([AWQ(scale_only=True), GPTQ(4, 128)])."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    grid: int = 20
+    clip: bool = True
+    scale_only: bool = False
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        _check_bits(self.bits)
+        _check_group(self.group_size)
+        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 1:
+            raise BadInput(f"AWQ grid must be an integer >= 1, got {self.grid!r}")
+        for name in ("clip", "scale_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadInput(f"AWQ {name} must be true or false, got {getattr(self, name)!r}")
+        _check_regex(self.targets, "targets")
+        _check_regex(self.ignore, "ignore")
+
+
+@dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant (Xiao et al., 2022; quant/smoothquant.py): divides each input channel of a group of
+    linears by s = max|X|^α / max|W|^(1−α), folded into the op before, and multiplies the weights' columns
+    by s, so that activation outliers move into the weights. The model stays float (unchanged up to
+    rounding); put a W8A8Dynamic or W8A8Static step after it. alpha_search: each group takes the α (or no
+    smoothing) of the lowest simulated W8A8 output error on calibration inputs."""
+
+    alpha: float = 0.5
+    alpha_search: bool = False
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool):
+            raise BadInput(f"SmoothQuant alpha must be a number in [0, 1], got {self.alpha!r}")
+        try:
+            object.__setattr__(self, "alpha", float(self.alpha))
+        except (TypeError, ValueError):
+            raise BadInput(f"SmoothQuant alpha must be a number in [0, 1], got {self.alpha!r}") from None
+        if not 0 <= self.alpha <= 1:
+            raise BadInput(f"SmoothQuant alpha must be a number in [0, 1], got {self.alpha!r}")
+        if not isinstance(self.alpha_search, bool):
+            raise BadInput(f"SmoothQuant alpha_search must be true or false, got {self.alpha_search!r}")
+        _check_regex(self.targets, "targets")
+        _check_regex(self.ignore, "ignore")
+
+
 STEPS: dict[str, type] = {cls.__name__: cls for cls in (RTN, HQQ, W8A8Dynamic, W8A8Static, QAT, GPTQ, Magnitude,
-                                                        Wanda, SparseGPT)}
+                                                        Wanda, SparseGPT, AWQ, SmoothQuant)}
 
 PRESETS: dict[str, list] = {
     "w8": [RTN(bits=8, group_size=None, symmetric=True)],
@@ -325,6 +382,9 @@ PRESETS: dict[str, list] = {
     "qat-w3g64": [QAT(bits=3, group_size=64)],
     "gptq-w4g128": [GPTQ(bits=4, group_size=128)],
     "gptq-w3g64": [GPTQ(bits=3, group_size=64)],
+    "awq-w4g128": [AWQ(bits=4, group_size=128)],
+    "awq-w3g64": [AWQ(bits=3, group_size=64)],
+    "smoothquant-w8a8": [SmoothQuant(alpha=0.5), W8A8Dynamic()],
     "magnitude-50": [Magnitude(0.5)],
     "wanda-50": [Wanda(0.5)],
     "wanda-2:4": [Wanda(pattern="2:4")],

@@ -62,8 +62,10 @@ _LLAMA = dict(blocks="model.layers", embed="model.embed_tokens", final_norm="mod
               attn_norm="input_layernorm", mlp_norm="post_attention_layernorm")
 
 SPECS: dict[str, ArchSpec] = {
-    **{name: ArchSpec(family=name, **_LLAMA) for name in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2",
-                                                         "granite", "olmo2")},
+    **{name: ArchSpec(family=name, **_LLAMA) for name in ("llama", "qwen2", "qwen3", "mistral", "gemma", "granite")},
+    # Gemma 2 norms the MLP input with pre_feedforward_layernorm (post_attention_layernorm norms the attention
+    # output): the op that feeds gate/up is the pre-feedforward one
+    "gemma2": ArchSpec(family="gemma2", **{**_LLAMA, "mlp_norm": "pre_feedforward_layernorm"}),
     "gpt2": ArchSpec(family="gpt2", blocks="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
                      lm_head="lm_head", q=None, k=None, v=None, qkv="attn.c_attn", o="attn.c_proj", gate=None,
                      up="mlp.c_fc", down="mlp.c_proj", attn_norm="ln_1", mlp_norm="ln_2", pos_embed="transformer.wpe"),
