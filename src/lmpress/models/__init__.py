@@ -142,7 +142,7 @@ def _load_saved(path: Path, manifest: dict, dtype) -> torch.nn.Module:
     state = {}
     for f in files:
         state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)  # no second copy of the weights
     _check_loaded(path, model, missing, unexpected)
     return model
 
@@ -183,7 +183,7 @@ def _load_gguf(path: Path, dtype, t0) -> LoadedModel:
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         state = gguf.gguf_state_dict(gf, model)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)  # no second copy of the weights
         _check_loaded(path, model, missing, unexpected)
         model.to(dtype).eval()
         types = Counter(gguf_pkg.GGMLQuantizationType(t.qtype).name for t in gf.tensors.values())
