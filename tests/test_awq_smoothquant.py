@@ -22,12 +22,7 @@ from conftest import tiny_model
 OUTLIERS = [3, 17, 40]  # hidden channels whose norm weights are scaled ×50: activation outliers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def with_outliers(lm):

@@ -11,14 +11,7 @@ from lmpress.quant.primitives import (QParams, check_bits, check_group, compute_
                                       relative_error, sqnr_db, unpack)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small tensors on a shared 2-core machine: extra threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 def gaussian(O=256, I=512, seed=0):
     return torch.randn(O, I, generator=torch.Generator().manual_seed(seed))

@@ -20,12 +20,7 @@ from lmpress.quant.rtn import storage_qparams
 from conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def correlated_inputs(n: int, i: int, seed: int, col_scale: torch.Tensor | None = None) -> torch.Tensor:

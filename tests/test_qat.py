@@ -24,14 +24,7 @@ from conftest import tiny_model
 Step = functools.partial(QAT, group_size=32, steps=30, lr=1e-3, seq_len=128, n_samples=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small training steps on a shared, busy machine: two threads wait on each other more than they work
-    (stories260K QAT: 45 s with 2 threads under load, 6 s with 1). Restored after each test."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def random_batches(n=4, b=2, t=24, seed=0):

@@ -132,7 +132,34 @@ def emulate_kernel(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return (acc.float().double() * mult.double() + b).float()              # fma(float(acc), mult, bias)
 
 
-class Int8DynamicLinear(torch.nn.Module):
+class Int8WeightLinear(torch.nn.Module):
+    """What the int8 formats share: int8 codes `qweight` [O, I] and float32 per-channel `scales` [O] (w ≈
+    qweight·scale), the checks and casts around the kernel, and a packed-weight cache that is never copied."""
+
+    format: str
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [O, I] the codes stand for (the reference weight)."""
+        return self.qweight.float() * self.scales.float()[:, None]
+
+    def _forward_cast(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """Inputs the kernel does not take as they are: checked, made float32 [M, I], and the result cast back."""
+        if not x.is_cpu:
+            raise BadInput(f"{self.format} layers run on the CPU (PyTorch's int8 kernel); got input on {x.device}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
+            raise BadInput(f"expected a float input [..., {self.in_features}], got {x.dtype} {list(x.shape)}")
+        y = fn(x.reshape(-1, self.in_features).float())
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def __getstate__(self):  # copy.deepcopy / pickle: the packed cache is rebuilt, not copied
+        return {**self.__dict__, "_pack": None, "_pack_key": None}
+
+    def stored_bits_per_weight(self) -> float:
+        """Bits per weight of the stored codes and scales (not the bias)."""
+        return 8 + 32 / self.in_features
+
+
+class Int8DynamicLinear(Int8WeightLinear):
     """A Linear whose weight is int8 per output channel and whose activations are quantized per token at run time.
 
     Build one with `from_linear(linear)`, or `empty(in_features, out_features, bias)` to load a saved state into.
@@ -161,10 +188,6 @@ class Int8DynamicLinear(torch.nn.Module):
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().float())
         return m
-
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight [O, I] the codes stand for (the reference weight)."""
-        return self.qweight.float() * self.scales.float()[:, None]
 
     def _packed_weight(self):
         # Rebuilt when the buffers are replaced or written in place (load_state_dict copies in place, which
@@ -207,27 +230,11 @@ class Int8DynamicLinear(torch.nn.Module):
         b = self.bias.float()
         return y.sub_(b).mul_(r).add_(b)
 
-    def _forward_cast(self, x: torch.Tensor, fn) -> torch.Tensor:
-        """Inputs the kernel does not take as they are: checked, made float32 [M, I], and the result cast back."""
-        if not x.is_cpu:
-            raise BadInput(f"w8a8-dynamic layers run on the CPU (PyTorch's int8 kernel); got input on {x.device}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
-            raise BadInput(f"expected a float input [..., {self.in_features}], got {x.dtype} {list(x.shape)}")
-        y = fn(x.reshape(-1, self.in_features).float())
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def __getstate__(self):  # copy.deepcopy / pickle: the packed cache is rebuilt, not copied
-        return {**self.__dict__, "_pack": None, "_pack_key": None}
-
     def lmpress_format(self) -> dict:
         return {"format": self.format, "bits": 8, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None,
                 "activations": "dynamic-per-token", "activation_range": "uint8 0..127 (reduce_range)",
                 "scales_dtype": "float32"}
-
-    def stored_bits_per_weight(self) -> float:
-        """Bits per weight of the stored codes and scales (not the bias)."""
-        return 8 + 32 / self.in_features
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, w8a8 dynamic"

@@ -38,7 +38,7 @@ import torch
 
 from ..errors import BadInput
 from . import linear_weight
-from .int8_dynamic import _prepack, quantize_weight
+from .int8_dynamic import Int8WeightLinear, _prepack, quantize_weight
 
 FORMAT = "w8a8-static"
 ACT_QMIN, ACT_QMAX = 0, 127  # activation codes: uint8, reduce_range
@@ -77,7 +77,7 @@ def check_input_qparams(scale, zero) -> tuple[float, int]:
     return float(s32), int(z)
 
 
-class Int8StaticLinear(torch.nn.Module):
+class Int8StaticLinear(Int8WeightLinear):
     """A Linear with int8 per-channel weights and a static int8 activation grid (one scale and zero point).
 
     Build one with `from_linear(linear, input_scale, input_zero)` (the grid from quant.activations'
@@ -114,10 +114,6 @@ class Int8StaticLinear(torch.nn.Module):
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().float())
         return m
-
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight [O, I] the codes stand for (the reference weight)."""
-        return self.qweight.float() * self.scales.float()[:, None]
 
     def input_qparams(self) -> tuple[float, int]:
         """The stored activation grid (scale, zero)."""
@@ -163,27 +159,11 @@ class Int8StaticLinear(torch.nn.Module):
         y = emulate_static_kernel(x.reshape(-1, self.in_features), s, z, self.qweight, self.scales, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _forward_cast(self, x: torch.Tensor, fn) -> torch.Tensor:
-        """Inputs the kernel does not take as they are: checked, made float32 [M, I], and the result cast back."""
-        if not x.is_cpu:
-            raise BadInput(f"w8a8-static layers run on the CPU (PyTorch's int8 kernel); got input on {x.device}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features or not x.is_floating_point():
-            raise BadInput(f"expected a float input [..., {self.in_features}], got {x.dtype} {list(x.shape)}")
-        y = fn(x.reshape(-1, self.in_features).float())
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def __getstate__(self):  # copy.deepcopy / pickle: the packed cache is rebuilt, not copied
-        return {**self.__dict__, "_pack": None, "_pack_key": None}
-
     def lmpress_format(self) -> dict:
         return {"format": self.format, "bits": 8, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None,
                 "activations": "static-per-tensor", "activation_range": "uint8 0..127 (reduce_range)",
                 "scales_dtype": "float32"}
-
-    def stored_bits_per_weight(self) -> float:
-        """Bits per weight of the stored codes and scales (not the bias or the two activation numbers)."""
-        return 8 + 32 / self.in_features
 
     def extra_repr(self) -> str:
         s, z = self.input_qparams()
