@@ -242,18 +242,11 @@ class Magnitude:
 
 
 @dataclass(frozen=True)
-class Wanda:
+class Wanda(Magnitude):
     """Wanda (Sun et al., 2023; prune/wanda.py): prune by |W_ij|·‖X_j‖₂, the weight times its input feature's
     norm on calibration data, per output row (exactly floor(sparsity · in_features)) or N:M ("2:4": 2 kept of
-    every 4 consecutive inputs; sparsity then ignored). No weight update; runs in the sequential engine."""
-
-    sparsity: float = 0.5
-    pattern: str | None = None
-    targets: str | None = None
-    ignore: str | None = DEFAULT_IGNORE
-
-    def __post_init__(self):
-        _check_prune(self)
+    every 4 consecutive inputs; sparsity then ignored). No weight update; runs in the sequential engine.
+    Same fields as Magnitude; a distinct step (dispatch is by exact type)."""
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,14 @@ class Int8WeightLinear(torch.nn.Module):
 
     format: str
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._pack, self._pack_key = None, None  # the kernel's packed weight, rebuilt from the buffers
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [O, I] the codes stand for (the reference weight)."""
         return self.qweight.float() * self.scales.float()[:, None]
@@ -166,14 +174,6 @@ class Int8DynamicLinear(Int8WeightLinear):
     """
 
     format = FORMAT
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._pack, self._pack_key = None, None
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool) -> Int8DynamicLinear:

@@ -87,14 +87,9 @@ class Int8StaticLinear(Int8WeightLinear):
     format = FORMAT
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
+        super().__init__(in_features, out_features, bias)
         self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32))
         self.register_buffer("input_zero", torch.zeros(1, dtype=torch.int32))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._pack, self._pack_key = None, None
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool) -> Int8StaticLinear:
