@@ -33,6 +33,14 @@ class ArchSpec:
     attn_norm: str
     mlp_norm: str
     pos_embed: str | None = None  # learned absolute positions (GPT-2, OPT)
+    # config keys structured pruning shrinks (prune/structured.py); None where the config has no such key.
+    # Head pruning needs `head_dim_key`: a config whose head width is not hidden_size / heads (GPT-2, OPT
+    # derive it, so their heads cannot be removed while the residual width stays)
+    layers_key: str = "num_hidden_layers"
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str | None = "num_key_value_heads"
+    mlp_key: str = "intermediate_size"
+    head_dim_key: str | None = "head_dim"
 
     def get(self, root: torch.nn.Module, path: str | None):
         if path is None:
@@ -68,12 +76,15 @@ SPECS: dict[str, ArchSpec] = {
     "gemma2": ArchSpec(family="gemma2", **{**_LLAMA, "mlp_norm": "pre_feedforward_layernorm"}),
     "gpt2": ArchSpec(family="gpt2", blocks="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
                      lm_head="lm_head", q=None, k=None, v=None, qkv="attn.c_attn", o="attn.c_proj", gate=None,
-                     up="mlp.c_fc", down="mlp.c_proj", attn_norm="ln_1", mlp_norm="ln_2", pos_embed="transformer.wpe"),
+                     up="mlp.c_fc", down="mlp.c_proj", attn_norm="ln_1", mlp_norm="ln_2", pos_embed="transformer.wpe",
+                     layers_key="n_layer", heads_key="n_head", kv_heads_key=None, mlp_key="n_inner",
+                     head_dim_key=None),
     "opt": ArchSpec(family="opt", blocks="model.decoder.layers", embed="model.decoder.embed_tokens",
                     final_norm="model.decoder.final_layer_norm", lm_head="lm_head", q="self_attn.q_proj",
                     k="self_attn.k_proj", v="self_attn.v_proj", qkv=None, o="self_attn.out_proj", gate=None,
                     up="fc1", down="fc2", attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm",
-                    pos_embed="model.decoder.embed_positions"),
+                    pos_embed="model.decoder.embed_positions", kv_heads_key=None, mlp_key="ffn_dim",
+                    head_dim_key=None),
 }
 
 
