@@ -180,12 +180,25 @@ def default_calibration(lm, n: int = 16, length: int = 256, seed: int = 0) -> li
     return [torch.stack([w.ids for w in wins[i:i + 8]]) for i in range(0, n, 8)]
 
 
-def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None = None):
+def round_float_leftovers(model: torch.nn.Module) -> None:
+    """Round the weights a recipe left in float (embeddings, norms, a float lm_head) to fp16 values, in place,
+    so that they save in half the bytes (models.io stores exactly-fp16 tensors as fp16). Tensors beyond fp16's
+    range stay as they are."""
+    for mod in model.modules():
+        if callable(getattr(mod, "lmpress_format", None)):
+            continue
+        for p in mod.parameters(recurse=False):
+            if p.dtype == torch.float32 and p.numel() and p.detach().abs().max() < 65504:
+                p.data.copy_(p.data.half())
+
+
+def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None = None, round_floats: bool = True):
     """Apply `recipe` (a preset name, a YAML/JSON path, or a list of steps) to `lm` in place; returns `lm`.
 
     `lm` is a LoadedModel (its recipe grows by the steps applied, and is saved in the manifest) or any
     nn.Module (then the module is returned). `data`: calibration batches of token ids [B, T] for steps that
-    need them (default for a LoadedModel: default_calibration)."""
+    need them (default for a LoadedModel: default_calibration). `round_floats`: round what stays float to fp16
+values (round_float_leftovers) so a LoadedModel saves small; off for a step meant to be function-preserving."""
     steps = R.load_recipe(recipe)
     model = getattr(lm, "model", lm)
     t0 = time.perf_counter()
@@ -196,6 +209,8 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
             else:
                 replace_layers(model, step, CONVERT[type(step)], progress)
     if hasattr(lm, "recipe"):
+        if round_floats:
+            round_float_leftovers(model)
         lm.recipe = list(lm.recipe) + [R.to_dict(s) for s in steps]
         lm.info["compress_s"] = time.perf_counter() - t0
     return lm

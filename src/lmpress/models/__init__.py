@@ -142,6 +142,10 @@ def _load_saved(path: Path, manifest: dict, dtype) -> torch.nn.Module:
     state = {}
     for f in files:
         state.update(load_file(f))
+    want = model.state_dict()  # float tensors stored narrower (models.io.narrowed_floats) widen back exactly
+    for k, v in state.items():
+        if k in want and v.is_floating_point() and want[k].is_floating_point() and v.dtype != want[k].dtype:
+            state[k] = v.to(want[k].dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)  # no second copy of the weights
     _check_loaded(path, model, missing, unexpected)
     return model

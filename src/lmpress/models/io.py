@@ -10,6 +10,10 @@ Manifest (`lmpress.json`):
   source          {"path", "kind"}: what was loaded before compression
   recipe          the ordered list of steps applied (each a dict with "step" and its fields); [] when none
   layers          {module name: {"format": "dense", "dtype": ..., "shape": [...]} | a quantized format's fields}
+
+Float tensors are written in the narrowest of fp16 / bf16 / fp32 that holds their values exactly, so a
+compressed model (whose float leftovers compress() rounds to fp16) stores them in half the bytes while
+save→load stays bit-identical; an uncompressed fp32 model is stored as it is.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from contextlib import contextmanager
 
 import torch
 
@@ -40,6 +46,32 @@ def layer_formats(model: torch.nn.Module) -> dict[str, dict]:
             w = mod.weight
             out[name] = {"format": "dense", "dtype": str(w.dtype).removeprefix("torch."), "shape": list(w.shape)}
     return out
+
+
+def exact_storage_dtype(t: torch.Tensor) -> torch.dtype:
+    """The narrowest float dtype that holds every value of float32 tensor `t` exactly."""
+    for dt in (torch.float16, torch.bfloat16):
+        if torch.equal(t.to(dt).to(t.dtype), t):
+            return dt
+    return t.dtype
+
+
+@contextmanager
+def narrowed_floats(model: torch.nn.Module):
+    """Temporarily store float32 parameters of float (non-lmpress) modules in their exact narrower dtype."""
+    changed = []
+    for mod in model.modules():
+        if callable(getattr(mod, "lmpress_format", None)):
+            continue  # quantized formats own their dtypes
+        for p in mod.parameters(recurse=False):
+            if p.dtype == torch.float32 and (dt := exact_storage_dtype(p.data)) != torch.float32:
+                changed.append((p, p.dtype))
+                p.data = p.data.to(dt)
+    try:
+        yield
+    finally:
+        for p, dt in changed:
+            p.data = p.data.to(dt)
 
 
 def build_manifest(lm, recipe: list[dict] | None = None) -> dict:
@@ -63,9 +95,10 @@ def save(lm, out: str | os.PathLike, *, recipe: list[dict] | None = None, overwr
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        lm.model.save_pretrained(tmp)
+        with narrowed_floats(lm.model):
+            lm.model.save_pretrained(tmp)
+            manifest = build_manifest(lm, recipe)
         lm.tokenizer.save_pretrained(tmp)
-        manifest = build_manifest(lm, recipe)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():  # overwrite: move the old one aside first so a crash leaves one of the two
             old = out.parent / f".{out.name}.old-{os.getpid()}"
