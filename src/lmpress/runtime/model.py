@@ -1,0 +1,294 @@
+"""Model runners: the forward pass behind generation, over a preallocated per-row KV cache.
+
+A runner owns a KV cache of `max_batch` rows × `max_len` positions and answers two calls:
+
+  prefill(ids [B, T], start, row)  append T tokens to rows row..row+B-1, all starting at position `start`;
+                                   returns the logits of the last position [B, V] (or of all, [B, T, V])
+  decode(ids [B], pos)             append one token to each of rows 0..B-1, row b at position pos[b]
+                                   (an int when all rows share it); returns [B, V]
+
+plus `move_row(src, dst, length)` (the scheduler keeps active rows packed at the front) and `reset()`.
+Rolling back is free: a row's length is kept by the caller, and positions past it are simply overwritten
+by the next call (speculative decoding relies on this).
+
+NativeRunner is lmpress's own forward pass for the Llama family (Llama, Qwen2 — q/k/v biases —, Mistral
+without a sliding window): RMSNorm, RoPE from the model's own rotary module (default, linear, llama3, yarn
+scaling: every rope whose frequencies do not depend on the sequence length), GQA attention with
+F.scaled_dot_product_attention, SwiGLU. Every projection is a call of the model's own module (`mod(x)`), so
+quantized lmpress formats — and the native kernels behind them — run unchanged. The per-token Python cost
+is a few dozen torch calls per layer; `benchmarks/runtime.py --overhead` measures it on a model so small
+that the matmuls cost nothing.
+
+HFRunner is the reference path for every other family: transformers' own forward with one DynamicCache
+per row (rows decode one after another: correct, not fast).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadInput, UnsupportedModel
+
+NATIVE_FAMILIES = ("llama", "qwen2", "mistral")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # frequencies fixed at load, not by sequence length
+
+
+def default_max_len(lm, max_len: int | None) -> int:
+    limit = lm.max_positions or 2048
+    if max_len is None:
+        return min(limit, 2048)
+    if max_len < 2:
+        raise BadInput(f"max_len must be at least 2, got {max_len}")
+    return min(max_len, limit)
+
+
+def check_fits(runner, rows: int, length: int) -> None:
+    if rows > runner.max_batch:
+        raise BadInput(f"{rows} rows exceed the runner's max_batch of {runner.max_batch}")
+    if length > runner.max_len:
+        raise BadInput(f"sequence of {length} tokens exceeds the context limit of {runner.max_len}")
+
+
+def native_support(lm) -> str | None:
+    """None when NativeRunner can run this model, else why not (one line)."""
+    cfg = lm.config
+    if cfg.model_type not in NATIVE_FAMILIES:
+        return f"family '{cfg.model_type}' has no native forward (native: {', '.join(NATIVE_FAMILIES)})"
+    rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}).get("rope_type",
+                                                                                                     "default")
+    if rope not in STATIC_ROPE:
+        return f"rope type '{rope}' is not supported natively"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "sliding-window attention layers are not supported natively"
+    if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention is not supported natively"
+    if _rotary(lm.model) is None:
+        return "no rotary embedding module found"
+    return None
+
+
+def _rotary(model):
+    for mod in model.modules():
+        if hasattr(mod, "inv_freq") and hasattr(mod, "attention_scaling"):
+            return mod
+    return None
+
+
+def _device_dtype(lm):
+    w = lm.arch.get(lm.model, lm.arch.embed).weight
+    return w.device, (w.dtype if w.dtype.is_floating_point else torch.float32)
+
+
+class _Layer:
+    """One block's pieces, looked up once through the ArchSpec (plain attributes: no per-call lookups)."""
+
+    __slots__ = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down")
+
+    def __init__(self, spec, block):
+        self.attn_norm = spec.get(block, spec.attn_norm).weight
+        self.mlp_norm = spec.get(block, spec.mlp_norm).weight
+        self.q, self.k, self.v, self.o = (spec.get(block, p) for p in (spec.q, spec.k, spec.v, spec.o))
+        self.gate, self.up, self.down = (spec.get(block, p) for p in (spec.gate, spec.up, spec.down))
+
+
+class NativeRunner:
+    native = True
+
+    def __init__(self, lm, max_batch: int = 1, max_len: int | None = None):
+        why = native_support(lm)
+        if why:
+            raise UnsupportedModel(why)
+        cfg, spec, model = lm.config, lm.arch, lm.model
+        self.device, self.dtype = _device_dtype(lm)
+        self.max_batch, self.max_len = max_batch, default_max_len(lm, max_len)
+        self.vocab_size = int(cfg.vocab_size)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.group = self.n_heads // self.n_kv
+        self.eps = float(cfg.rms_norm_eps)
+        self.scale = self.head_dim ** -0.5
+        self.embed = spec.get(model, spec.embed)
+        self.final_norm = spec.get(model, spec.final_norm).weight
+        self.lm_head = spec.get(model, spec.lm_head)
+        self.layers = [_Layer(spec, b) for b in spec.block_list(model)]
+
+        # RoPE tables [max_len, head_dim] in the rotate-half layout: out = x·cos + roll(x, half)·sin_signed,
+        # where roll(x, half) = [x2, x1] and sin_signed = [−sin, sin] (= rotate_half(x)·sin)
+        rot = _rotary(model)
+        inv_freq = rot.inv_freq.detach().float().to(self.device)
+        freqs = torch.arange(self.max_len, device=self.device, dtype=torch.float32)[:, None] * inv_freq[None]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        s = float(rot.attention_scaling)
+        self.cos = (emb.cos() * s).to(self.dtype)
+        sin = (emb.sin() * s).to(self.dtype)
+        half = self.head_dim // 2
+        self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        self.half = half
+
+        shape = (len(self.layers), max_batch, self.n_kv, self.max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self._rows = torch.arange(max_batch, device=self.device)
+        self._key_pos = torch.arange(self.max_len, device=self.device)
+
+    # ---- public calls ----------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        pass  # positions past a row's length are never read, so there is nothing to clear
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        if src != dst:
+            self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
+            self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, start: int = 0, row: int = 0, all_logits: bool = False) -> torch.Tensor:
+        B, T = ids.shape
+        self._check(row + B, start + T)
+        pos = slice(start, start + T)
+        cos, sin = self.cos[pos][None, :, None], self.sin[pos][None, :, None]  # [1, T, 1, Dh]
+        mask = None
+        if start > 0 and T > 1:  # causal, shifted by the cached prefix: query t sees keys ≤ start + t
+            mask = self._key_pos[None, :start + T] <= self._key_pos[start:start + T, None]  # [T, S]
+        x = self.embed(ids.to(self.device))  # [B, T, D]
+        for i, L in enumerate(self.layers):
+            q, k, v = self._qkv(L, x, cos, sin)  # q [B, T, H, Dh], k/v [B, T, KV, Dh]
+            kc, vc = self.k_cache[i, row:row + B], self.v_cache[i, row:row + B]  # [B, KV, max_len, Dh]
+            kc[:, :, pos] = k.transpose(1, 2)
+            vc[:, :, pos] = v.transpose(1, 2)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :start + T], vc[:, :, :start + T],
+                                               attn_mask=mask, is_causal=T > 1 and mask is None,
+                                               scale=self.scale, enable_gqa=self.group > 1)  # [B, H, T, Dh]
+            x = self._mlp(L, x + L.o(a.transpose(1, 2).reshape(B, T, -1)))
+        if not all_logits:
+            x = x[:, -1]
+        return self.lm_head(self._norm(x, self.final_norm)).float()
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor, pos) -> torch.Tensor:
+        """ids [B] (rows 0..B-1), pos an int (all rows) or a sequence/tensor of B positions."""
+        B = ids.shape[0]
+        H, KV, G, Dh = self.n_heads, self.n_kv, self.group, self.head_dim
+        shared = isinstance(pos, int)
+        if shared:
+            self._check(B, pos + 1)
+            length, mask = pos + 1, None
+            cos, sin = self.cos[pos:pos + 1][None, :, None], self.sin[pos:pos + 1][None, :, None]
+        else:
+            p = torch.as_tensor(pos, device=self.device, dtype=torch.long)  # [B]
+            length = int(p.max()) + 1
+            self._check(B, length)
+            cos, sin = self.cos[p][:, None, None], self.sin[p][:, None, None]  # [B, 1, 1, Dh]
+            mask = (self._key_pos[None, :length] <= p[:, None])[:, None, None]  # [B, 1, 1, S]
+            index = p.view(B, 1, 1, 1).expand(B, KV, 1, Dh)
+        x = self.embed(ids.to(self.device).view(B, 1))  # [B, 1, D]
+        for i, L in enumerate(self.layers):
+            q, k, v = self._qkv(L, x, cos, sin)
+            kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
+            if shared:
+                kc[:, :, pos] = k[:, 0]
+                vc[:, :, pos] = v[:, 0]
+            else:
+                kc.scatter_(2, index, k.transpose(1, 2))
+                vc.scatter_(2, index, v.transpose(1, 2))
+            # the G query heads of a kv head act as G queries of one head: no repeated keys
+            a = F.scaled_dot_product_attention(q.view(B, KV, G, Dh), kc[:, :, :length], vc[:, :, :length],
+                                               attn_mask=mask, scale=self.scale)  # [B, KV, G, Dh]
+            x = self._mlp(L, x + L.o(a.view(B, 1, H * Dh)))
+        return self.lm_head(self._norm(x[:, 0], self.final_norm)).float()
+
+    # ---- pieces ----------------------------------------------------------------------------------------
+
+    def _check(self, rows: int, length: int) -> None:
+        check_fits(self, rows, length)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # RMSNorm in float32, as transformers computes it
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * (xf * r).to(x.dtype)
+
+    def _qkv(self, L: _Layer, x, cos, sin):
+        B, T, _ = x.shape
+        h = self._norm(x, L.attn_norm)
+        q = L.q(h).view(B, T, -1, self.head_dim)
+        k = L.k(h).view(B, T, -1, self.head_dim)
+        v = L.v(h).view(B, T, -1, self.head_dim)
+        q = torch.addcmul(q * cos, q.roll(self.half, -1), sin)
+        k = torch.addcmul(k * cos, k.roll(self.half, -1), sin)
+        return q, k, v
+
+    def _mlp(self, L: _Layer, x):
+        h = self._norm(x, L.mlp_norm)
+        return x + L.down(F.silu(L.gate(h)) * L.up(h))
+
+
+class HFRunner:
+    """transformers' forward over the same modules, one DynamicCache per row (the reference path)."""
+
+    native = False
+
+    def __init__(self, lm, max_batch: int = 1, max_len: int | None = None):
+        self.model = lm.model
+        self.max_batch, self.max_len = max_batch, default_max_len(lm, max_len)
+        self.vocab_size = int(lm.config.vocab_size)
+        self.device = next(lm.model.parameters()).device
+        self.caches: list = [None] * max_batch
+
+    def reset(self) -> None:
+        self.caches = [None] * self.max_batch
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        self.caches[dst] = self.caches[src]
+        if src != dst:
+            self.caches[src] = None
+
+    def _cache(self, row: int, start: int):
+        from transformers import DynamicCache
+
+        c = self.caches[row]
+        if start == 0 or c is None:
+            if start != 0:
+                raise BadInput("HFRunner: a row must start at position 0")
+            c = self.caches[row] = DynamicCache(config=self.model.config)
+        elif c.get_seq_length() > start:
+            c.crop(start)
+        return c
+
+    def _check(self, rows: int, length: int) -> None:
+        check_fits(self, rows, length)
+
+    @torch.inference_mode()
+    def _step(self, row: int, ids: torch.Tensor, start: int) -> torch.Tensor:
+        cache = self._cache(row, start)
+        return self.model(input_ids=ids.view(1, -1).to(self.device), cache=cache,
+                          use_cache=True).logits[0].float()  # [T, V]
+
+    def prefill(self, ids: torch.Tensor, start: int = 0, row: int = 0, all_logits: bool = False) -> torch.Tensor:
+        B, T = ids.shape
+        self._check(row + B, start + T)
+        out = torch.stack([self._step(row + b, ids[b], start) for b in range(B)])  # [B, T, V]
+        return out if all_logits else out[:, -1]
+
+    def decode(self, ids: torch.Tensor, pos) -> torch.Tensor:
+        B = ids.shape[0]
+        pos = [pos] * B if isinstance(pos, int) else [int(p) for p in pos]
+        self._check(B, max(pos) + 1)
+        return torch.stack([self._step(b, ids[b:b + 1], pos[b])[-1] for b in range(B)])
+
+
+def make_runner(lm, max_batch: int = 1, max_len: int | None = None, backend: str = "auto"):
+    """NativeRunner when the family is supported (backend "auto" or "native"), else HFRunner.
+    Returns (runner, notice): notice says why the reference path was taken (None when native)."""
+    if backend not in ("auto", "native", "transformers"):
+        raise BadInput(f"unknown engine backend '{backend}' (auto, native, transformers)")
+    if backend == "transformers":
+        return HFRunner(lm, max_batch, max_len), None
+    why = native_support(lm)
+    if why is None:
+        return NativeRunner(lm, max_batch, max_len), None
+    if backend == "native":
+        raise UnsupportedModel(why)
+    return HFRunner(lm, max_batch, max_len), f"{why}: using the transformers forward (slower)"

@@ -1,0 +1,111 @@
+"""Speculative decoding (greedy): a draft model proposes k tokens, the target checks them in one pass.
+
+Each round, with the target's cache holding n tokens and `last` the newest token (not cached yet):
+  1. the draft feeds whatever it has not seen yet, then proposes d1..dk greedily (k one-token steps);
+  2. the target runs [last, d1..dk] at positions n..n+k in ONE forward pass → its own choice g0..gk after
+     each prefix;
+  3. accept d1..da while d_i == g_{i-1}, then take g_a (the target's token where they first differ, or a
+     bonus token when all k matched): a+1 new tokens for one target pass.
+Every token that comes out is the target's own greedy choice given the tokens before it, so the output is
+the target's greedy output. Rolling back is free: both caches are positional, and a row's valid length is
+kept here (target: n + a + 1; draft: what it fed that is still on the accepted path); the next call
+overwrites the rest.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import BadInput, LmpressError
+from .engine import Completion, Engine, Event, Sequence, Stream
+from .sampling import SamplingParams
+
+
+def check_pair(target: Engine, draft: Engine) -> None:
+    from ..models import check_same_tokenizer
+
+    try:
+        check_same_tokenizer(target.lm, draft.lm)
+    except LmpressError:
+        raise BadInput(f"draft {draft.lm.name} and target {target.lm.name} do not share one tokenizer and output "
+                       f"size; speculative decoding needs a draft of the same family") from None
+
+
+def speculative_events(target: Engine, draft: Engine, prompt, params: SamplingParams | None = None,
+                       k: int = 4):
+    """Events of one greedy generation of `target`, drafted by `draft` (row 0 of both engines' caches)."""
+    params = params or SamplingParams()
+    if not params.greedy:
+        raise BadInput("speculative decoding is greedy only here: drop --temperature (or the draft)")
+    if not isinstance(k, int) or k < 1:
+        raise BadInput(f"draft k must be an integer >= 1, got {k!r}")
+    check_pair(target, draft)
+    ids = target.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    target.check_prompt(ids)
+    T, D = target.runner, draft.runner
+    max_len = min(T.max_len, D.max_len)
+    seq = Sequence(0, ids, params, target)
+    seq.max_len = max_len
+    stats = {"draft": draft.lm.name, "draft_k": k, "proposed": 0, "accepted": 0, "target_passes": 0}
+
+    def finish(ev: Event) -> Event:
+        if ev.finished:
+            ev.completion.stats = {**stats, "acceptance_rate": stats["accepted"] / max(stats["proposed"], 1),
+                                   "tokens_per_target_pass": len(seq.tokens) / max(stats["target_passes"], 1)}
+        return ev
+
+    t0 = time.perf_counter()
+    logits = T.prefill(torch.tensor([ids]))[0]
+    seq.prefill_s = time.perf_counter() - t0
+    seq.length = len(ids)
+    stats["target_passes"] += 1
+    ev = seq.accept(seq.sample(logits))
+    yield finish(ev)
+    if ev.finished:
+        return
+    history = ids + [seq.next_token]  # every token so far; the last one is in neither cache
+    draft_len = 0  # tokens of `history` the draft's cache holds
+    while True:
+        n = seq.length
+        kk = max(0, min(k, max_len - 1 - n, params.max_tokens - len(seq.tokens) - 1))
+        proposals: list[int] = []
+        if kk:
+            pending = history[draft_len:]
+            d = int(D.prefill(torch.tensor([pending]), start=draft_len)[0].argmax())
+            draft_len = len(history)
+            proposals.append(d)
+            for _ in range(kk - 1):
+                d = int(D.decode(torch.tensor([d]), draft_len)[0].argmax())
+                draft_len += 1
+                proposals.append(d)
+        logits = T.prefill(torch.tensor([[history[-1], *proposals]]), start=n, all_logits=True)[0]  # [kk+1, V]
+        stats["target_passes"] += 1
+        stats["proposed"] += kk
+        for i in range(kk + 1):
+            tok = seq.sample(logits[i])
+            seq.length += 1  # the token fed at position n + i is now a valid part of the cache
+            ev = seq.accept(tok)
+            history.append(tok)
+            match = i < kk and tok == proposals[i]
+            stats["accepted"] += match
+            yield finish(ev)
+            if ev.finished:
+                return
+            if not match:
+                break
+        draft_len = min(draft_len, seq.length)  # drop the draft's rejected proposals
+
+
+def speculative_stream(target: Engine, draft: Engine, prompt, params: SamplingParams | None = None,
+                       k: int = 4) -> Stream:
+    return Stream(speculative_events(target, draft, prompt, params, k))
+
+
+def speculative_generate(target: Engine, draft: Engine, prompt, params: SamplingParams | None = None,
+                         k: int = 4) -> Completion:
+    s = speculative_stream(target, draft, prompt, params, k)
+    for _ in s:
+        pass
+    return s.completion
