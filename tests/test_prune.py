@@ -7,6 +7,7 @@ import torch
 
 import lmpress
 from lmpress.calibrate import run_sequential
+from lmpress.compress import compress
 from lmpress.errors import BadInput
 from lmpress.nn import linear_weight
 from lmpress.nn.packed import PackedLinear
@@ -314,6 +315,28 @@ def test_quantizing_a_pruned_weight_with_its_fixed_mask_keeps_the_zeros():
     g = dequantize(codes, qp)
     assert ((g != 0) & (pruned == 0)).any()  # why a pruned layer needs the mask
     assert out_error(r.weight, w, x) < 1.05 * out_error(g, w, x)
+    codes, qp = gptq.gptq_quantize(pruned, H, 4, 32, keep_zeros=True)  # GPTQ's own way to keep them
+    k = dequantize(codes, qp)
+    assert (k[pruned == 0] == 0).all()
+    assert_nm(k, 2, 4, exact=False)
+    assert out_error(k, w, x) < 1.05 * out_error(r.weight, w, x)
+
+
+def test_recipe_sparsegpt_then_gptq_keeps_the_pattern(stories_dir):
+    """The issue's composition [SparseGPT("2:4"), GPTQ(4, g)]: GPTQ (keep_zeros, its default) quantizes the
+    pruned layers and every pruned weight still decodes to exactly 0."""
+    from lmpress.recipe import GPTQ, SparseGPT
+
+    lm = lmpress.load(stories_dir / "hf")
+    batches = calib_batches(lm, n=8, length=64)
+    compress(lm, [SparseGPT(pattern="2:4"), GPTQ(bits=4, group_size=32)], data=batches)
+    kept = total = 0
+    for name, mod in block_linears(lm).items():
+        assert isinstance(mod, PackedLinear) and mod.bits == 4, name
+        w = mod.dequantize()
+        assert_nm(w, 2, 4, exact=False)
+        kept, total = kept + int((w != 0).sum()), total + w.numel()
+    assert 0.48 * total < kept <= 0.5 * total
 
 
 # ----------------------------------------------------------------------------------------- the engine

@@ -92,9 +92,11 @@ def _group_params(w: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor
 
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
                   damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  block_size: int = 128) -> tuple[Tensor, QParams]:
+                  block_size: int = 128, keep_zeros: bool = False) -> tuple[Tensor, QParams]:
     """W: [O, I] float, H: [I, I] (2/n · Σ XᵀX) → codes [O, I] uint8 and QParams (scale, zero: [O, n_groups],
-    group_size as given; I must be a multiple of group_size: pad first)."""
+    group_size as given; I must be a multiple of group_size: pad first). keep_zeros: weights that are exactly 0
+    (a pruned layer's mask) get the code of 0 and stay 0, their error compensated like any other, so a
+    sparsity pattern survives quantization ([SparseGPT("2:4"), GPTQ(4, 128)])."""
     bits = check_bits(bits)
     O, I = W.shape
     g = group_size or I
@@ -119,6 +121,8 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    mask = (W == 0) if keep_zeros else None  # [O, I]: weights held at exactly 0
+
     # parameters chosen up front: per channel, or static groups (on the un-permuted, un-updated weight)
     scale = torch.zeros(O, n_groups, device=W.device)  # [O, n_groups]
     zero = torch.zeros(O, n_groups, device=W.device)
@@ -131,6 +135,7 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None
     perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
             else torch.arange(I, device=W.device))
     W, H = W[:, perm], H[perm][:, perm]
+    mask = mask[:, perm] if mask is not None else None
 
     # 3-4. dampening and the upper Cholesky factor of H⁻¹
     U = _inverse_cholesky(H, damp)[0].float()  # [I, I]
@@ -148,11 +153,15 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None
         for i in range(i2 - i1):
             j = i1 + i
             if not upfront and j % g == 0:  # 6. a new group: parameters of its current columns
-                scale[:, j // g], zero[:, j // g] = _group_params(W1[:, i:i + g], bits, symmetric)
+                cols = W1[:, i:i + g]  # with its held zeros at 0, so that 0 is in each such row's range
+                cols = cols.masked_fill(mask[:, j:j + g], 0) if mask is not None else cols
+                scale[:, j // g], zero[:, j // g] = _group_params(cols, bits, symmetric)
             k = group_of[j]
             s, z = scale[:, k], zero[:, k]  # [O]
             w = W1[:, i]  # [O]
             q = torch.clamp(torch.round(w / s) + z, qlo, qhi)  # codes, the formula of primitives.quantize
+            if mask is not None:
+                q = torch.where(mask[:, j], z, q)  # z is an integer code in range: (z − z)·s = 0 exactly
             codes[:, j] = q.to(torch.uint8)
             err = (w - (q - z) * s) / U1[i, i]  # [O]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # column i itself becomes its dequantized value
@@ -180,5 +189,6 @@ def apply(module: torch.nn.Module, stats: dict, config) -> PackedLinear:
     codes, qp = gptq_quantize(W, H, bits, group_size, symmetric, damp=getattr(config, "damp", 0.01),
                               act_order=getattr(config, "act_order", False),
                               static_groups=getattr(config, "static_groups", False),
-                              block_size=getattr(config, "block_size", 128))
+                              block_size=getattr(config, "block_size", 128),
+                              keep_zeros=getattr(config, "keep_zeros", True))
     return PackedLinear.from_codes(codes[:, :in_f], qp, module.bias, symmetric=symmetric)
