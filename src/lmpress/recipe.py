@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,8 @@ class GPTQ:
     sequential engine (calibrate.py). damp: fraction of mean(diag H) added to H's diagonal (raised x10 when
     H will not factor). act_order: quantize the most active input columns first; with groups it needs
     static_groups=True (every group's parameters chosen up front on the original weight, so groups stay
-    contiguous and store packed like RTN's). block_size: columns per lazy update, a speed knob."""
+    contiguous and store packed like RTN's). block_size: columns per lazy update, a speed knob. keep_zeros:
+    weights that are exactly 0 stay 0 (a pruned layer keeps its sparsity pattern, e.g. after SparseGPT)."""
 
     bits: int = 4
     group_size: int | None = 128
@@ -186,6 +188,7 @@ class GPTQ:
     act_order: bool = False
     static_groups: bool = False
     block_size: int = 128
+    keep_zeros: bool = True
     targets: str | None = None
     ignore: str | None = DEFAULT_IGNORE
 
@@ -200,9 +203,7 @@ class GPTQ:
             raise BadInput(f"GPTQ damp must be a number >= 0, got {self.damp!r}") from None
         if not 0 <= self.damp < float("inf"):
             raise BadInput(f"GPTQ damp must be a number >= 0, got {self.damp!r}")
-        for name in ("symmetric", "act_order", "static_groups"):
-            if not isinstance(getattr(self, name), bool):
-                raise BadInput(f"GPTQ {name} must be true or false, got {getattr(self, name)!r}")
+        _check_flags(self, "symmetric", "act_order", "static_groups", "keep_zeros")
         if self.act_order and self.group_size is not None and not self.static_groups:
             raise BadInput("GPTQ act_order with groups needs static_groups=True: the groups must stay contiguous "
                            "in the original column order to be stored packed")
@@ -356,8 +357,186 @@ class SmoothQuant:
         _check_regex(self.ignore, "ignore")
 
 
+def _check_numbers(step, spec: dict) -> None:
+    """spec: {field: (kind, low, high)}; kind int or float, bounds inclusive (None: open). Floats are stored as
+    float (YAML 1.1 reads `lr: 1e-4` as a string); booleans are refused."""
+    name = type(step).__name__
+    for field, (kind, low, high) in spec.items():
+        v = getattr(step, field)
+        ok = not isinstance(v, bool)
+        if ok and kind is float:
+            try:
+                v = float(v)
+                object.__setattr__(step, field, v)
+            except (TypeError, ValueError):
+                ok = False
+        elif ok:
+            ok = isinstance(v, int)
+        if not ok or not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+            rng = f"{'>= ' + str(low) if low is not None else ''}{' and ' if low is not None and high is not None else ''}" \
+                  f"{'<= ' + str(high) if high is not None else ''}"
+            raise BadInput(f"{name} {field} must be {'an integer' if kind is int else 'a number'} {rng}, got "
+                           f"{getattr(step, field)!r}")
+
+
+def _check_flags(step, *fields) -> None:
+    for f in fields:
+        if not isinstance(getattr(step, f), bool):
+            raise BadInput(f"{type(step).__name__} {f} must be true or false, got {getattr(step, f)!r}")
+
+
+@dataclass(frozen=True)
+class StructuredPrune:
+    """Structured pruning (prune/structured.py): remove attention heads ("heads"; GQA kept intact by removing
+    the same number of query heads per KV group, head_unit="query", or whole KV groups, "group"), MLP channels
+    ("mlp") or blocks ("depth"), ranked by importance: magnitude (data-free), activation, taylor (calibration
+    gradients) or influence (1 − cos of a block's input and output; depth only). ratio: fraction of each
+    layer's units removed (floor), in [0, 1), or a list of one per layer (the stored width is then the widest:
+    extra units are zeroed); target_params instead: the least uniform removal reaching that count. The model
+    becomes smaller and dense; its config is shrunk (plain transformers loads it). Calibration: n_samples
+    windows of seq_len tokens of the built-in corpus (activation, taylor, influence)."""
+
+    unit: str = "mlp"
+    ratio: float | list = 0.25
+    importance: str = "magnitude"
+    head_unit: str = "query"
+    target_params: int | None = None
+    n_samples: int = 16
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        from .prune.structured import HEAD_UNITS, UNITS, _check_unit_importance, check_choice, check_ratio
+
+        if isinstance(self.ratio, tuple):
+            object.__setattr__(self, "ratio", list(self.ratio))
+        object.__setattr__(self, "ratio", check_ratio(self.ratio))
+        _check_unit_importance(check_choice(self.unit, UNITS, "structured unit"), self.importance)
+        check_choice(self.head_unit, HEAD_UNITS, "head unit")
+        if self.target_params is not None:
+            _check_numbers(self, {"target_params": (int, 1, None)})
+        _check_numbers(self, {"n_samples": (int, 1, None), "seq_len": (int, 2, None), "seed": (int, 0, None)})
+
+
+@dataclass(frozen=True)
+class MagnitudeScope:
+    """Magnitude pruning with the threshold shared per row, per layer or globally over all selected layers
+    (prune/gradual.py): scope="global" prunes floor(sparsity · all their weights) smallest |w| overall."""
+
+    sparsity: float = 0.5
+    scope: str = "global"
+    targets: str | None = None
+    ignore: str | None = DEFAULT_IGNORE
+
+    def __post_init__(self):
+        from .prune.gradual import SCOPES
+        from .prune.masks import check_sparsity
+
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+        if self.scope not in SCOPES:
+            raise BadInput(f"MagnitudeScope scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        _check_regex(self.targets, "targets")
+        _check_regex(self.ignore, "ignore")
+
+
+@dataclass(frozen=True)
+class SparseStorage:
+    """Store float linear layers at least `min_sparsity` sparse as bitmask + non-zero values (nn/sparse.py):
+    a 50% sparse float32 layer takes 17 bits per weight instead of 32. Forward = the dense reference."""
+
+    min_sparsity: float = 0.3
+    targets: str | None = None
+    ignore: str | None = None
+
+    def __post_init__(self):
+        _check_numbers(self, {"min_sparsity": (float, 0.0, 1.0)})
+        _check_regex(self.targets, "targets")
+        _check_regex(self.ignore, "ignore")
+
+
+@dataclass(frozen=True)
+class Distill:
+    """Knowledge distillation (distill/train.py) of the model (the student, every parameter trained) from a
+    teacher: `teacher` a model path, or None for the model as it was when the recipe started (recovery after
+    pruning). Loss = kl_weight · KL(teacher ‖ student) at `temperature` (× T²) + hidden_weight · MSE of hidden
+    states (a learned projection when widths differ) + ce_weight · next-token CE. topk: cache the teacher's
+    top-k logits once (to `cache`, a safetensors file, or in memory) instead of running it every step.
+    AdamW or SGD (momentum 0.9), linear warm-up over `warmup` of the steps then cosine to 0, gradients
+    clipped to `clip`, `grad_accum` micro-batches per step. Data: n_samples windows of seq_len tokens of
+    `data` (builtin, wikitext2-train, or a file; never the WikiText-2 test text), eval_samples more held out
+    for the perplexity the progress bar shows every eval_every steps. checkpoint_dir: a checkpoint every
+    checkpoint_every steps, resumed from when present. sparsity: gradual magnitude pruning to that target
+    (cubic, until sparsity_end of the steps, scope row/layer/global); otherwise layers already sparse keep
+    their zeros (keep_zeros). amp: bfloat16 autocast, on CUDA only."""
+
+    teacher: str | None = None
+    steps: int = 100
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    seq_len: int = 256
+    n_samples: int = 64
+    grad_accum: int = 1
+    warmup: float = 0.05
+    clip: float = 1.0
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    hidden_weight: float = 0.0
+    ce_weight: float = 0.0
+    topk: int | None = None
+    cache: str | None = None
+    data: str = "builtin"
+    eval_samples: int = 4
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    grad_checkpointing: bool = False
+    amp: bool = True
+    sparsity: float | None = None
+    sparsity_scope: str = "layer"
+    sparsity_end: float = 0.75
+    prune_every: int = 10
+    keep_zeros: bool = True
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_numbers(self, {
+            "steps": (int, 1, None), "lr": (float, 1e-12, None), "weight_decay": (float, 0.0, None),
+            "batch_size": (int, 1, None), "seq_len": (int, 2, None), "n_samples": (int, 1, None),
+            "grad_accum": (int, 1, None), "warmup": (float, 0.0, 1.0), "clip": (float, 0.0, None),
+            "temperature": (float, 1e-6, None), "kl_weight": (float, 0.0, None), "hidden_weight": (float, 0.0, None),
+            "ce_weight": (float, 0.0, None), "eval_samples": (int, 0, None), "eval_every": (int, 0, None),
+            "checkpoint_every": (int, 0, None), "sparsity_end": (float, 0.0, 1.0), "prune_every": (int, 1, None),
+            "seed": (int, 0, None)})
+        if self.optimizer not in ("adamw", "sgd"):
+            raise BadInput(f"Distill optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.kl_weight + self.hidden_weight + self.ce_weight == 0:
+            raise BadInput("Distill: kl_weight, hidden_weight and ce_weight are all 0: nothing to train on")
+        if self.topk is not None:
+            _check_numbers(self, {"topk": (int, 1, None)})
+            if self.hidden_weight > 0:
+                raise BadInput("Distill: the hidden-state loss needs the teacher online; topk caching only "
+                               "replaces its logits (set topk=None or hidden_weight=0)")
+        if self.sparsity is not None:
+            from .prune.gradual import SCOPES
+            from .prune.masks import check_sparsity
+
+            object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+            if self.sparsity_scope not in SCOPES:
+                raise BadInput(f"Distill sparsity_scope must be one of {', '.join(SCOPES)}, got {self.sparsity_scope!r}")
+        if self.data == "wikitext2":
+            raise BadInput("Distill data 'wikitext2' is the WikiText-2 *test* text used for evaluation: train on "
+                           "builtin, wikitext2-train (wiki.train.raw beside it) or a file of your own")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise BadInput(f"Distill device must be auto, cpu or cuda, got {self.device!r}")
+        _check_flags(self, "grad_checkpointing", "amp", "keep_zeros")
+
+
 STEPS: dict[str, type] = {cls.__name__: cls for cls in (RTN, HQQ, W8A8Dynamic, W8A8Static, QAT, GPTQ, Magnitude,
-                                                        Wanda, SparseGPT, AWQ, SmoothQuant)}
+                                                        Wanda, SparseGPT, AWQ, SmoothQuant, StructuredPrune,
+                                                        MagnitudeScope, SparseStorage, Distill)}
 
 PRESETS: dict[str, list] = {
     "w8": [RTN(bits=8, group_size=None, symmetric=True)],

@@ -100,16 +100,22 @@ def save(lm, out: str | os.PathLike, *, recipe: list[dict] | None = None, overwr
             manifest = build_manifest(lm, recipe)
         lm.tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():  # overwrite: move the old one aside first so a crash leaves one of the two
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        install_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def install_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` to `out`; an existing `out` is moved aside first and deleted after, so
+    a crash leaves one of the two complete folders, never a half-written one."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def read_manifest(folder: Path) -> dict:
