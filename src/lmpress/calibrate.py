@@ -31,6 +31,13 @@ Targets are the block's linears as ArchSpec.linears names them, filtered by the 
 `ignore` regexes (re.search on the full qualified name, e.g. "model.layers.3.mlp.down_proj") and restricted to
 float linears (a layer an earlier step converted is left alone).
 
+Resuming: given a BlockCheckpoints, the engine writes after each block its state (the compressed layers with
+their formats, every other tensor of the block) and the hidden states it produced; a rerun with the same
+folder loads the finished blocks and the last hidden states instead of recomputing them and goes on from the
+next block. On the same machine and thread count the result is bit-identical to an uninterrupted run (the
+same inputs reach the same deterministic computation). Files are written atomically (temporary name, then
+rename), so a kill at any moment leaves either the previous or the new checkpoint.
+
 Memory: today everything is in memory — the whole model, plus the activations of all calibration batches at
 one block boundary (N·T·D floats, twice while propagating) and one block's statistics. Streaming the weights
 from a safetensors folder or a GGUF file block by block, spilling activations to disk and a device choice
@@ -40,11 +47,14 @@ from a safetensors folder or a GGUF file block by block, spilling activations to
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import re
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -177,21 +187,104 @@ def _replace(block: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class BlockCheckpoints:
+    """One sequential step's per-block checkpoints in `folder`, file names prefixed by `tag`:
+
+        {tag}-block{i:04d}.safetensors   block i's state after compression; metadata "formats" (JSON: path in
+                                         the block → the lmpress format entry of each converted layer) and
+                                         "layers" (the qualified names the step compressed in it)
+        {tag}-hidden.safetensors         the hidden states block `after` produced, one tensor per batch
+                                         ("h0", "h1", ...); metadata "after", "batches"
+    """
+
+    def __init__(self, folder: str | os.PathLike, tag: str):
+        self.folder, self.tag = Path(folder), tag
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _block_file(self, i: int) -> Path:
+        return self.folder / f"{self.tag}-block{i:04d}.safetensors"
+
+    @property
+    def _hidden_file(self) -> Path:
+        return self.folder / f"{self.tag}-hidden.safetensors"
+
+    def _write(self, path: Path, tensors: dict, meta: dict) -> None:
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    def _read(self, path: Path) -> tuple[dict, dict]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        except Exception as e:  # a damaged checkpoint: say which and how to start over
+            raise BadInput(f"checkpoint {path} cannot be read ({str(e).splitlines()[0][:80]}); delete "
+                           f"{self.folder} to start over") from None
+
+    def blocks_done(self, n_blocks: int) -> int:
+        """How many leading blocks are finished and can be loaded (their hidden states included)."""
+        if all(self._block_file(i).exists() for i in range(n_blocks)):
+            return n_blocks
+        if not self._hidden_file.exists():
+            return 0
+        from safetensors import safe_open
+
+        with safe_open(self._hidden_file, "pt") as f:
+            after = int((f.metadata() or {}).get("after", -1))
+        return after + 1 if all(self._block_file(i).exists() for i in range(after + 1)) else 0
+
+    def save(self, block: torch.nn.Module, i: int, layers: list[str], hidden: list[Tensor], last: bool) -> None:
+        formats = {path: mod.lmpress_format() for path, mod in block.named_modules()
+                   if callable(getattr(mod, "lmpress_format", None))}
+        state = {k: v.detach().clone() for k, v in block.state_dict().items()}  # clone: tied views save once
+        self._write(self._block_file(i), state, {"formats": json.dumps(formats), "layers": json.dumps(layers)})
+        if not last:  # the last block's outputs feed no further block
+            self._write(self._hidden_file, {f"h{b}": h for b, h in enumerate(hidden)},
+                        {"after": str(i), "batches": str(len(hidden))})
+
+    def load_block(self, block: torch.nn.Module, i: int) -> list[str]:
+        """Put block i's saved state (converted layers rebuilt in their formats) into `block`; returns the
+        names of the layers the step compressed in it."""
+        from .nn import build_module
+
+        state, meta = self._read(self._block_file(i))
+        for path, entry in json.loads(meta.get("formats", "{}")).items():
+            _replace(block, path, build_module(entry))
+        missing, unexpected = block.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise BadInput(f"checkpoint {self._block_file(i)} does not match the model's block {i}; delete "
+                           f"{self.folder} to start over")
+        return json.loads(meta.get("layers", "[]"))
+
+    def load_hidden(self, n_batches: int) -> list[Tensor]:
+        tensors, meta = self._read(self._hidden_file)
+        if int(meta.get("batches", -1)) != n_batches:
+            raise BadInput(f"checkpoint {self._hidden_file} holds {meta.get('batches')} calibration batches, not "
+                           f"{n_batches}: delete {self.folder} to start over")
+        return [tensors[f"h{b}"] for b in range(n_batches)]
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, progress: bool = False) -> dict:
+def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, progress: bool = False,
+                   checkpoints: BlockCheckpoints | None = None) -> dict:
     """Compress the block linears of `lm_or_model` (a LoadedModel or an nn.Module) in place, block by block.
 
     spec: the model's ArchSpec. batches: calibration token ids, a list of [B, T] tensors. algorithm: an
     object with init_stats / update_stats / apply (module docstring). config: the step config, passed to
-    apply as is; its `targets` and `ignore` (when present) select the layers.
+    apply as is; its `targets` and `ignore` (when present) select the layers. checkpoints: where to save
+    each finished block and resume from (module docstring); None keeps everything in memory.
 
     Returns {"layers": [names compressed], "blocks": n, "capture_s", "block_s": [seconds per block],
-    "seconds", "peak_rss_mb": peak resident memory of the process (it includes everything the process held
+    "seconds", "resumed_blocks": blocks loaded from checkpoints, "peak_rss_mb": peak resident memory of the process (it includes everything the process held
     before; compare with a run without compression)}.
     Raises BadInput for no batches, a selection that matches no layer (before any work), non-finite
     activations (naming the block) or an algorithm error (prefixed with the layer's name)."""
@@ -208,22 +301,35 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
     modes = {m: m.training for m in model.modules()}
     done: list[str] = []
     block_s: list[float] = []
+    resumed = checkpoints.blocks_done(len(blocks)) if checkpoints is not None else 0
+    for i in range(resumed):
+        done += checkpoints.load_block(blocks[i], i)
+    if resumed and progress:
+        print(f"lmpress: {type(config).__name__}: resuming after block {resumed} of {len(blocks)} from "
+              f"{checkpoints.folder}", file=sys.stderr)
+    capture_s = 0.0
     with torch.no_grad():  # not inference_mode: the new modules' buffers must stay ordinary tensors
-        cap = capture_block_inputs(model, spec, batches)
-        capture_s = time.perf_counter() - t0
+        if resumed < len(blocks):
+            cap = capture_block_inputs(model, spec, batches)  # the blocks' other arguments (masks, positions)
+            if resumed:
+                cap.hidden = checkpoints.load_hidden(len(cap.hidden))
+            capture_s = time.perf_counter() - t0
         try:
             model.eval()
-            with progress_bar(len(blocks), type(config).__name__, progress, unit="block") as bar:
-                for i, block in enumerate(blocks):
+            with progress_bar(len(blocks) - resumed, type(config).__name__, progress, unit="block") as bar:
+                for i in range(resumed, len(blocks)):
                     tb = time.perf_counter()
-                    done += _compress_block(block, i, spec, cap, algorithm, config)
+                    names = _compress_block(blocks[i], i, spec, cap, algorithm, config)
+                    done += names
+                    if checkpoints is not None:
+                        checkpoints.save(blocks[i], i, names, cap.hidden, last=i == len(blocks) - 1)
                     block_s.append(time.perf_counter() - tb)
                     bar.update(1)
         finally:
             for m in model.modules():  # replacement modules take the model's own flag
                 m.training = modes.get(m, modes[model])
     return {"layers": done, "blocks": len(blocks), "capture_s": capture_s, "block_s": block_s,
-            "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+            "resumed_blocks": resumed, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
 def _prepare_block(block, index: int, spec, cap: Captured, algorithm, config, targets, seen, stats, ref) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 
 from .errors import BadInput, LmpressError
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", default="auto", help="text of the quick check (as for eval)")
         p.add_argument("--data-dir", help="folder with wikitext-2-raw-v1/ (default: $LMPRESS_DATA)")
         p.add_argument("--ctx", type=_positive, default=512)
+        p.add_argument("--calib", default="builtin:128x512",
+                       help="calibration data of calibrated steps: SOURCE:NxL, SOURCE = builtin, self (text the model "
+                            "writes itself: data-free), a text file or FILE.jsonl[:FIELD] (default builtin:128x512)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+        p.add_argument("--checkpoint", help="folder of per-block checkpoints of calibrated steps, to resume a killed "
+                                            "run (default: .OUT.resume beside --out; removed once the model is saved)")
 
     p = sub.add_parser("bench", help="size, memory, load time, prefill/decode speed, energy", epilog=EPILOG)
     _common(p)
@@ -196,29 +203,42 @@ def _compress_command(args, steps) -> tuple[dict, str]:
     import copy
     from pathlib import Path
 
-    from .compress import compress
+    from .compress import SEQUENTIAL, WHOLE_MODEL, calibration, compress
     from .data import load_text, wikitext_available
     from .eval.kld import kl_divergence
     from .eval.report import human_bytes, key_values
     from .models.io import save
-    from .recipe import to_dict
+    from .recipe import QAT, to_dict
 
     out = Path(args.out)
     if out.exists() and not args.force:
         raise BadInput(f"{out} already exists; choose another --out or pass --force to replace it")
     lm = _load(args.model, args)
     base = None if args.no_eval else copy.deepcopy(lm)
-    compress(lm, steps, progress=not args.quiet)
+    calibrated = [s for s in steps if type(s) in WHOLE_MODEL and type(s) is not QAT]
+    data = calibration(lm, args.calib, args.data_dir, seed=args.seed, progress=not args.quiet) if calibrated else None
+    ckpt = Path(args.checkpoint) if args.checkpoint else out.parent / f".{out.name}.resume"
+    resumable = any(type(s) in SEQUENTIAL for s in steps)
+    compress(lm, steps, progress=not args.quiet, data=data, checkpoint=str(ckpt) if resumable else None)
     save(lm, out, overwrite=args.force)
+    if resumable:
+        shutil.rmtree(ckpt, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     res = {"model": lm.source, "out": str(out), "recipe": [to_dict(s) for s in steps],
            "compress_s": lm.info.get("compress_s"), "input_size_bytes": lm.disk_bytes, "size_bytes": size,
            "bits_per_weight": size * 8 / max(lm.disk_params, 1), **_quantized_bpw(lm.model)}
+    if data is not None:
+        res["calibration"] = {"spec": args.calib, "seed": args.seed, "samples": sum(len(b) for b in data),
+                              "tokens": sum(b.numel() for b in data), "steps": lm.info.get("calibration", [])}
     rows = [("model", lm.name), ("recipe", json.dumps(res["recipe"])), ("saved to", str(out)),
             ("size", f"{human_bytes(size)} (input {human_bytes(lm.disk_bytes)})"),
             ("bits per weight (file)", res["bits_per_weight"]),
             ("bits per weight (quantized layers)", res.get("quantized_bits_per_weight")),
             ("compress time s", res["compress_s"])]
+    if data is not None:
+        c = res["calibration"]
+        rows += [("calibration", f"{c['spec']}: {c['samples']} samples, {c['tokens']:,} tokens"),
+                 ("peak RSS MiB", max((st["peak_rss_mb"] for st in c["steps"]), default=None))]
     if base is not None:
         data = args.data if args.data != "auto" else ("wikitext2" if wikitext_available(args.data_dir) else "builtin")
         q = kl_divergence(lm, base, load_text(data, args.data_dir), ctx=args.ctx, windows=args.eval_windows,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import time
 
 import torch
@@ -95,9 +96,9 @@ def _int8_static(lm, model, step, data, progress):
     replace_layers(model, step, lambda mod, _s: Int8StaticLinear.from_linear(mod, *by_id[id(mod)]), progress)
 
 
-def _sequential(lm, model, step, data, progress, algorithm):
+def _sequential(lm, model, step, data, progress, algorithm, checkpoints=None):
     """A calibrated step through the sequential engine: `algorithm` is a module with init_stats / update_stats
-    / apply (calibrate.py)."""
+    / apply (calibrate.py). checkpoints: a calibrate.BlockCheckpoints to save to and resume from, or None."""
     from .calibrate import all_targets, run_sequential
     from .models.arch import arch_for
 
@@ -116,16 +117,17 @@ def _sequential(lm, model, step, data, progress, algorithm):
         if not hasattr(lm, "tokenizer"):
             raise BadInput(f"{type(step).__name__} calibrates on activations: pass data=[token id batches [B, T]]")
         data = default_calibration(lm)
-    info = run_sequential(model, spec, data, algorithm, step, progress)
+    info = run_sequential(model, spec, data, algorithm, step, progress, checkpoints)
     if hasattr(lm, "info"):
         lm.info.setdefault("calibration", []).append(
-            {"step": type(step).__name__, **{k: info[k] for k in ("seconds", "capture_s", "peak_rss_mb")}})
+            {"step": type(step).__name__,
+             **{k: info[k] for k in ("seconds", "capture_s", "resumed_blocks", "peak_rss_mb")}})
 
 
-def _gptq(lm, model, step, data, progress):
+def _gptq(lm, model, step, data, progress, checkpoints=None):
     from .quant import gptq
 
-    _sequential(lm, model, step, data, progress, gptq)
+    _sequential(lm, model, step, data, progress, gptq, checkpoints)
 
 
 def _magnitude(mod, step):
@@ -134,28 +136,28 @@ def _magnitude(mod, step):
     return prune_magnitude(mod, step)  # zeroes in place; returns the same module
 
 
-def _wanda(lm, model, step, data, progress):
+def _wanda(lm, model, step, data, progress, checkpoints=None):
     from .prune import wanda
 
-    _sequential(lm, model, step, data, progress, wanda)
+    _sequential(lm, model, step, data, progress, wanda, checkpoints)
 
 
-def _sparsegpt(lm, model, step, data, progress):
+def _sparsegpt(lm, model, step, data, progress, checkpoints=None):
     from .prune import sparsegpt
 
-    _sequential(lm, model, step, data, progress, sparsegpt)
+    _sequential(lm, model, step, data, progress, sparsegpt, checkpoints)
 
 
-def _awq(lm, model, step, data, progress):
+def _awq(lm, model, step, data, progress, checkpoints=None):
     from .quant import awq
 
-    _sequential(lm, model, step, data, progress, awq)
+    _sequential(lm, model, step, data, progress, awq, checkpoints)
 
 
-def _smoothquant(lm, model, step, data, progress):
+def _smoothquant(lm, model, step, data, progress, checkpoints=None):
     from .quant import smoothquant
 
-    _sequential(lm, model, step, data, progress, smoothquant)
+    _sequential(lm, model, step, data, progress, smoothquant, checkpoints)
 
 
 def _qat(lm, model, step, data, progress):
@@ -165,19 +167,116 @@ def _qat(lm, model, step, data, progress):
     qat(model, step, tokenizer=getattr(lm, "tokenizer", None), progress=progress)  # trains under enable_grad()
 
 
+def _structured(lm, model, step, data, progress):
+    from .prune.structured import run_step
+
+    run_step(lm, model, step, progress)  # calibrates on its own step.n_samples × step.seq_len windows
+
+
+def _magnitude_scope(lm, model, step, data, progress):
+    from .prune.gradual import magnitude_masks
+    from .prune.masks import apply_mask
+
+    layers = select(model, step)
+    for name, keep in magnitude_masks(layers, step.sparsity, step.scope).items():
+        apply_mask(layers[name], keep)
+
+
+def _sparse_storage(mod, step):
+    from .nn.sparse import SparseLinear
+
+    w = linear_weight(mod)
+    if float((w == 0).float().mean()) < step.min_sparsity:
+        return mod  # not sparse enough to be worth the bitmask
+    return SparseLinear.from_weight(w.to(mod.weight.dtype), mod.bias)
+
+
+def _distill(lm, model, step, data, progress):
+    from .distill.train import run_step
+
+    res = run_step(lm, model, step, progress=progress)
+    if hasattr(lm, "info"):
+        lm.info.setdefault("distill", []).append({k: v for k, v in res.items() if k != "loss"})
+
+
 # The dispatch tables. Per-layer steps: step config -> convert(layer, step). Whole-model steps (they
 # calibrate or train across layers): step config -> fn(lm, model, step, calibration batches or None, progress).
-CONVERT = {R.RTN: _rtn, R.HQQ: _hqq, R.W8A8Dynamic: _int8_dynamic, R.Magnitude: _magnitude}
+CONVERT = {R.RTN: _rtn, R.HQQ: _hqq, R.W8A8Dynamic: _int8_dynamic, R.Magnitude: _magnitude,
+           R.SparseStorage: _sparse_storage}
 WHOLE_MODEL = {R.W8A8Static: _int8_static, R.QAT: _qat, R.GPTQ: _gptq, R.Wanda: _wanda, R.SparseGPT: _sparsegpt,
-               R.AWQ: _awq, R.SmoothQuant: _smoothquant}
+               R.AWQ: _awq, R.SmoothQuant: _smoothquant, R.StructuredPrune: _structured,
+               R.MagnitudeScope: _magnitude_scope, R.Distill: _distill}
 
 
-def default_calibration(lm, n: int = 16, length: int = 256, seed: int = 0) -> list[torch.Tensor]:
-    """Calibration batches [8, length] from the built-in corpus (never an evaluation text)."""
-    from .data import builtin_text, calibration_windows, tokenize
+DEFAULT_CALIB = "builtin:128x512"
 
-    wins = calibration_windows(tokenize(lm.tokenizer, builtin_text()), n, length, seed)
-    return [torch.stack([w.ids for w in wins[i:i + 8]]) for i in range(0, n, 8)]
+
+def parse_calib(spec: str) -> tuple[str, int, int]:
+    """"SOURCE:NxL" → (source, N samples, L tokens each). SOURCE: builtin, self (text the model generates from
+    BOS: data-free), a text file or FILE.jsonl[:FIELD]; ":NxL" may be left out (128x512)."""
+    import re as _re
+
+    m = _re.fullmatch(r"(.+?)(?::(\d+)x(\d+))?", str(spec))
+    source, n, length = m.group(1), int(m.group(2) or 128), int(m.group(3) or 512)
+    if n < 1 or length < 2:
+        raise BadInput(f"--calib {spec}: needs at least 1 sample of at least 2 tokens")
+    if source == "wikitext2":
+        raise BadInput("--calib wikitext2: the WikiText-2 test text is what lmpress evaluates on; calibrate on "
+                       "builtin, self, or a text/jsonl file of your own")
+    return source, n, length
+
+
+def calibration(lm, spec: str = DEFAULT_CALIB, data_dir=None, seed: int = 0, batch_size: int = 8,
+                progress: bool = False) -> list[torch.Tensor]:
+    """Calibration batches [≤batch_size, L] of token ids for `spec` (parse_calib). Text sources give N seeded,
+    non-overlapping windows of L tokens, each starting with BOS as the model's inputs do; `self` samples N
+    sequences from the model itself (temperature 1, seeded). L is capped at the model's position limit."""
+    from .data import load_text, tokenize
+    from .quant.qat import sample_batches, text_batches
+
+    source, n, length = parse_calib(spec)
+    length = min(length, lm.max_positions or length)
+    if source == "self":
+        if lm.bos_id is None:
+            raise BadInput("--calib self samples from BOS, and this tokenizer has no BOS token: use a text source")
+        if progress:
+            print(f"lmpress: sampling {n}×{length} calibration tokens from the model itself", file=sys.stderr)
+        return sample_batches(lm.model, n, length, batch_size, lm.bos_id, seed=seed)
+    ids = tokenize(lm.tokenizer, load_text(source, data_dir))
+    return text_batches(ids, n, length, batch_size, seed=seed, bos=lm.bos_id)
+
+
+def default_calibration(lm) -> list[torch.Tensor]:
+    """The calibration of a LoadedModel when none is given: DEFAULT_CALIB (the built-in corpus, never an
+    evaluation text)."""
+    return calibration(lm, DEFAULT_CALIB)
+def _check_job(folder, lm, steps, data) -> None:
+    """A checkpoint folder belongs to one job: the same source model, recipe and calibration tokens. Its
+    job.json says which; another job's folder is refused rather than mixed in."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for b in data or []:
+        h.update(b.to(torch.int64).numpy().tobytes())
+    job = {"source": getattr(lm, "source", None), "recipe": [R.to_dict(s) for s in steps],
+           "calibration_sha256": h.hexdigest(), "threads": torch.get_num_threads()}
+    folder = Path(folder)
+    path = folder / "job.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if old != job:
+            raise BadInput(f"the checkpoint folder {folder} belongs to another job (model, recipe, calibration data "
+                           f"or thread count differ): delete it, or choose another checkpoint folder")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("job.json.tmp")
+    tmp.write_text(json.dumps(job, indent=1))
+    tmp.replace(path)
 
 
 def round_float_leftovers(model: torch.nn.Module) -> None:
@@ -192,20 +291,36 @@ def round_float_leftovers(model: torch.nn.Module) -> None:
                 p.data.copy_(p.data.half())
 
 
-def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None = None, round_floats: bool = True):
+SEQUENTIAL = {R.GPTQ, R.Wanda, R.SparseGPT, R.AWQ, R.SmoothQuant}  # the steps the engine can resume
+
+
+def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None = None, round_floats: bool = True,
+             checkpoint: str | None = None):
     """Apply `recipe` (a preset name, a YAML/JSON path, or a list of steps) to `lm` in place; returns `lm`.
 
     `lm` is a LoadedModel (its recipe grows by the steps applied, and is saved in the manifest) or any
     nn.Module (then the module is returned). `data`: calibration batches of token ids [B, T] for steps that
-    need them (default for a LoadedModel: default_calibration). `round_floats`: round what stays float to fp16
-values (round_float_leftovers) so a LoadedModel saves small; off for a step meant to be function-preserving."""
+    need them (default for a LoadedModel: default_calibration, made once for all steps). `round_floats`: round
+    what stays float to fp16 values (round_float_leftovers) so a LoadedModel saves small; off for a step meant
+    to be function-preserving. `checkpoint`: a folder where calibrated steps save each finished block, so a
+    rerun with the same recipe, model and data resumes where a killed one stopped (calibrate.py); data-free
+    steps are simply redone (they are deterministic), QAT starts over."""
+    from .calibrate import BlockCheckpoints
+
     steps = R.load_recipe(recipe)
     model = getattr(lm, "model", lm)
     t0 = time.perf_counter()
+    needs_data = any(type(s) in WHOLE_MODEL and type(s) is not R.QAT for s in steps)
+    if data is None and needs_data and hasattr(lm, "tokenizer"):
+        data = default_calibration(lm)
+    if checkpoint is not None:
+        _check_job(checkpoint, lm, steps, data)
     with torch.no_grad():
-        for step in steps:
+        for k, step in enumerate(steps):
             if type(step) in WHOLE_MODEL:
-                WHOLE_MODEL[type(step)](lm, model, step, data, progress)
+                kw = {"checkpoints": BlockCheckpoints(checkpoint, f"step{k}")} \
+                    if checkpoint is not None and type(step) in SEQUENTIAL else {}
+                WHOLE_MODEL[type(step)](lm, model, step, data, progress, **kw)
             else:
                 replace_layers(model, step, CONVERT[type(step)], progress)
     if hasattr(lm, "recipe"):

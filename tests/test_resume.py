@@ -1,0 +1,117 @@
+"""Calibration data specs and resumable calibrated compression (calibrate.BlockCheckpoints, compress(checkpoint=))."""
+
+import json
+
+import pytest
+import torch
+
+import lmpress
+from lmpress import calibrate
+from lmpress.cli import main
+from lmpress.compress import calibration, compress, parse_calib
+from lmpress.errors import BadInput
+from lmpress.recipe import GPTQ, RTN, SparseGPT
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+RECIPE = [SparseGPT(pattern="2:4"), RTN(bits=8, targets=r"lm_head$", ignore=None), GPTQ(bits=4, group_size=32)]
+
+
+def state(lm) -> dict:
+    return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_at", [(0, 1), (2, 0), (2, 1)])  # (recipe step, block) where the run dies
+def test_killed_run_resumes_to_bit_identical_weights(stories_dir, tmp_path, monkeypatch, kill_at):
+    """A run killed inside block b of step s, then rerun with the same checkpoint folder, gives exactly the
+    weights of a run never interrupted; the rerun loads the finished blocks instead of recomputing them."""
+    data = calibration(lmpress.load(stories_dir / "hf"), "builtin:8x64")
+    whole = compress(lmpress.load(stories_dir / "hf"), RECIPE, data=data)
+
+    real = calibrate._compress_block
+    calls = []
+
+    def dying(block, index, *a, **k):
+        calls.append(index)
+        step = sum(1 for i in range(1, len(calls)) if calls[i] == 0)  # a new step starts at block 0
+        if (step, index) == (kill_at[0] // 2, kill_at[1]):  # steps 0 and 2 are the engine's 1st and 2nd
+            raise Killed
+        return real(block, index, *a, **k)
+
+    monkeypatch.setattr(calibrate, "_compress_block", dying)
+    with pytest.raises(Killed):
+        compress(lmpress.load(stories_dir / "hf"), RECIPE, data=data, checkpoint=tmp_path / "ck")
+    monkeypatch.setattr(calibrate, "_compress_block", real)
+    lm = compress(lmpress.load(stories_dir / "hf"), RECIPE, data=data, checkpoint=tmp_path / "ck")
+    resumed = [c["resumed_blocks"] for c in lm.info["calibration"]]
+    n_blocks = len(lm.arch.block_list(lm.model))
+    assert resumed == ([kill_at[1], 0] if kill_at[0] == 0 else [n_blocks, kill_at[1]])
+    assert_same_state(state(lm), state(whole))
+
+
+def test_checkpoint_of_another_job_is_refused(stories_dir, tmp_path):
+    lm = lmpress.load(stories_dir / "hf")
+    data = calibration(lm, "builtin:8x64")
+    compress(lm, [GPTQ(bits=4, group_size=32)], data=data, checkpoint=tmp_path / "ck")
+    with pytest.raises(BadInput, match="belongs to another job"):
+        compress(lmpress.load(stories_dir / "hf"), [GPTQ(bits=3, group_size=32)], data=data,
+                 checkpoint=tmp_path / "ck")
+    other = calibration(lm, "builtin:8x64", seed=1)
+    with pytest.raises(BadInput, match="belongs to another job"):
+        compress(lmpress.load(stories_dir / "hf"), [GPTQ(bits=4, group_size=32)], data=other,
+                 checkpoint=tmp_path / "ck")
+
+
+def test_damaged_checkpoint_says_how_to_start_over(stories_dir, tmp_path):
+    lm = lmpress.load(stories_dir / "hf")
+    data = calibration(lm, "builtin:8x64")
+    compress(lm, [GPTQ(bits=4, group_size=32)], data=data, checkpoint=tmp_path / "ck")
+    f = sorted((tmp_path / "ck").glob("step0-block*.safetensors"))[0]
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(BadInput, match="delete .* to start over"):
+        compress(lmpress.load(stories_dir / "hf"), [GPTQ(bits=4, group_size=32)], data=data,
+                 checkpoint=tmp_path / "ck")
+
+
+def test_calibration_specs(stories_dir, tmp_path):
+    assert parse_calib("builtin") == ("builtin", 128, 512)
+    assert parse_calib("notes.jsonl:body:16x64") == ("notes.jsonl:body", 16, 64)
+    for bad, msg in [("wikitext2:8x64", "evaluates on"), ("builtin:0x64", "at least 1 sample")]:
+        with pytest.raises(BadInput, match=msg):
+            parse_calib(bad)
+    lm = lmpress.load(stories_dir / "hf")
+    b = calibration(lm, "builtin:10x33", batch_size=4)
+    assert [tuple(x.shape) for x in b] == [(4, 33), (4, 33), (2, 33)]
+    assert all((x[:, 0] == lm.bos_id).all() for x in b)  # each sample starts as the model's inputs do
+    assert all(torch.equal(x, y) for x, y in zip(b, calibration(lm, "builtin:10x33", batch_size=4)))
+    selfgen = calibration(lm, "self:3x20")
+    assert tuple(selfgen[0].shape) == (3, 20) and (selfgen[0][:, 0] == lm.bos_id).all()
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": "Once upon a time " * 40}) for _ in range(4)))
+    assert calibration(lm, f"{tmp_path}/c.jsonl:body:4x16")[0].shape == (4, 16)
+    with pytest.raises(BadInput, match="room for"):
+        calibration(lm, f"{tmp_path}/c.jsonl:body:400x64")
+
+
+def test_cli_compress_calib_and_checkpoint_cleanup(stories_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["compress", str(stories_dir / "hf"), "--recipe", "gptq-w4g128", "--calib", "builtin:8x64",
+               "--out", str(out), "--no-eval", "--json", "--quiet"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["calibration"]["samples"] == 8 and res["calibration"]["tokens"] == 8 * 64
+    assert res["calibration"]["steps"][0]["resumed_blocks"] == 0
+    assert not (tmp_path / ".q.resume").exists()  # the checkpoints go once the model is saved
+    assert (out / "lmpress.json").exists()
+    rc = main(["compress", str(stories_dir / "hf"), "--recipe", "gptq-w4g128", "--calib", "wikitext2:8x64",
+               "--out", str(tmp_path / "r"), "--no-eval"])
+    assert rc == 2 and "evaluates on" in capsys.readouterr().err and not (tmp_path / "r").exists()
