@@ -130,7 +130,12 @@ class NativeRunner:
         shape = (len(self.layers), max_batch, self.n_kv, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self._rows = torch.arange(max_batch, device=self.device)
+        self._kc, self._vc = list(self.k_cache), list(self.v_cache)  # per-layer views, made once
+        # roll(x, half) = x·P with P[i, j] = 1 where i = (j + half) mod Dh
+        j = torch.arange(self.head_dim, device=self.device)
+        self._roll = torch.zeros(self.head_dim, self.head_dim, device=self.device, dtype=self.dtype)
+        self._roll[(j + half) % self.head_dim, j] = 1
+        self._eps = torch.tensor(self.eps, device=self.device)
         self._key_pos = torch.arange(self.max_len, device=self.device)
 
     # ---- public calls ----------------------------------------------------------------------------------
@@ -171,33 +176,44 @@ class NativeRunner:
         """ids [B] (rows 0..B-1), pos an int (all rows) or a sequence/tensor of B positions."""
         B = ids.shape[0]
         H, KV, G, Dh = self.n_heads, self.n_kv, self.group, self.head_dim
-        shared = isinstance(pos, int)
-        if shared:
-            self._check(B, pos + 1)
-            length, mask = pos + 1, None
-            cos, sin = self.cos[pos:pos + 1][None, :, None], self.sin[pos:pos + 1][None, :, None]
+        if isinstance(pos, int):
+            p = torch.tensor([pos], device=self.device)
+            length, mask, write = pos + 1, None, None
         else:
             p = torch.as_tensor(pos, device=self.device, dtype=torch.long)  # [B]
             length = int(p.max()) + 1
-            self._check(B, length)
-            cos, sin = self.cos[p][:, None, None], self.sin[p][:, None, None]  # [B, 1, 1, Dh]
             mask = (self._key_pos[None, :length] <= p[:, None])[:, None, None]  # [B, 1, 1, S]
-            index = p.view(B, 1, 1, 1).expand(B, KV, 1, Dh)
-        x = self.embed(ids.to(self.device).view(B, 1))  # [B, 1, D]
+            write = p.view(B, 1, 1, 1).expand(B, KV, 1, Dh)  # scatter index: row b writes at p[b]
+        check_fits(self, B, length)
+        rope = self._rope_matrices(p)  # [1 or B, Dh, Dh]
+        if rope.shape[0] != B:
+            rope = rope.expand(B, Dh, Dh)
+        x = self.embed(ids.to(self.device))  # [B, D]: 2-D all the way, no reshapes around the matmuls
         for i, L in enumerate(self.layers):
-            q, k, v = self._qkv(L, x, cos, sin)
-            kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
-            if shared:
-                kc[:, :, pos] = k[:, 0]
-                vc[:, :, pos] = v[:, 0]
+            h = self._norm(x, L.attn_norm)
+            q = torch.bmm(L.q(h).view(B, H, Dh), rope)  # RoPE as one small matmul per projection
+            k = torch.bmm(L.k(h).view(B, KV, Dh), rope).view(B, KV, 1, Dh)
+            v = L.v(h).view(B, KV, 1, Dh)
+            kc, vc = self._kc[i], self._vc[i]  # [max_batch, KV, max_len, Dh]
+            if B != self.max_batch:
+                kc, vc = kc[:B], vc[:B]
+            if write is None:
+                kc.index_copy_(2, p, k)
+                vc.index_copy_(2, p, v)
             else:
-                kc.scatter_(2, index, k.transpose(1, 2))
-                vc.scatter_(2, index, v.transpose(1, 2))
+                kc.scatter_(2, write, k)
+                vc.scatter_(2, write, v)
             # the G query heads of a kv head act as G queries of one head: no repeated keys
-            a = F.scaled_dot_product_attention(q.view(B, KV, G, Dh), kc[:, :, :length], vc[:, :, :length],
-                                               attn_mask=mask, scale=self.scale)  # [B, KV, G, Dh]
-            x = self._mlp(L, x + L.o(a.view(B, 1, H * Dh)))
-        return self.lm_head(self._norm(x[:, 0], self.final_norm)).float()
+            a = F.scaled_dot_product_attention(q.view(B, KV, G, Dh), kc.narrow(2, 0, length),
+                                               vc.narrow(2, 0, length), attn_mask=mask, scale=self.scale)
+            x = x + L.o(a.view(B, H * Dh))
+            h = self._norm(x, L.mlp_norm)
+            x = x + L.down(F.silu(L.gate(h)) * L.up(h))
+        return self.lm_head(self._norm(x, self.final_norm)).float()
+
+    def _rope_matrices(self, p: torch.Tensor) -> torch.Tensor:
+        """[len(p), Dh, Dh] matrices R with x·R = x·cos + roll(x, half)·sin_signed at each position of p."""
+        return torch.diag_embed(self.cos[p]) + self._roll * self.sin[p][:, None, :]
 
     # ---- pieces ----------------------------------------------------------------------------------------
 
@@ -205,9 +221,10 @@ class NativeRunner:
         check_fits(self, rows, length)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # RMSNorm in float32, as transformers computes it
+        # RMSNorm in float32, as transformers computes it; mean(x²) as |x|²/D: vector_norm is one cheap op
         xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        n = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+        r = torch.rsqrt(torch.addcmul(self._eps, n, n, value=1 / x.shape[-1]))
         return w * (xf * r).to(x.dtype)
 
     def _qkv(self, L: _Layer, x, cos, sin):
