@@ -166,3 +166,46 @@ def test_bad_input(tokenizer):
     with pytest.raises(BadInput, match="head_dim"):
         S.prune_structured(tiny_model("gpt2", tokenizer).model, "heads", 0.5)
     assert model.config.intermediate_size == 128 and len(model.model.layers) == 2  # nothing changed
+
+
+def test_sparse_storage_roundtrip_and_smaller_file(tokenizer, ids, tmp_path):
+    from lmpress import recipe as R
+    from lmpress.nn.sparse import SparseLinear, pack_mask, unpack_mask
+
+    keep = torch.rand(5, 13, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert torch.equal(unpack_mask(pack_mask(keep), 13), keep)
+
+    dense = tiny_model("llama", tokenizer)
+    out_dense = lmpress.save(dense, tmp_path / "dense")
+    lm = tiny_model("llama", tokenizer)
+    lmpress.compress(lm, [R.MagnitudeScope(0.5, scope="global"), R.SparseStorage()], round_floats=False)
+    assert sum(isinstance(m, SparseLinear) for m in lm.model.modules()) == 14  # 7 per block, not lm_head
+    ref = logits(lm.model, ids)
+    out = lmpress.save(lm, tmp_path / "sparse")
+    back = lmpress.load(out)
+    assert back.manifest["layers"]["model.layers.0.mlp.up_proj"]["format"] == "sparse-bitmask"
+    assert torch.equal(logits(back.model, ids), ref)
+
+    def size(folder):
+        return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    blocks = sum(p.numel() for n, p in dense.model.named_parameters() if ".layers." in n and p.dim() == 2)
+    saved = (blocks * 4) - (blocks // 2 * 4 + blocks // 8)  # half the values gone, one bit per weight added
+    assert size(out_dense) - size(out) == pytest.approx(saved, rel=0.02)
+
+
+def test_structured_recipe_step_and_recovery(stories, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmpress import recipe as R
+
+    lm = lmpress.load(stories.source)
+    steps = [R.StructuredPrune(unit="mlp", ratio=0.5, importance="activation", n_samples=4, seq_len=32),
+             R.Distill(steps=3, batch_size=2, seq_len=32, n_samples=4, eval_samples=2, device="cpu")]
+    lmpress.compress(lm, steps)
+    assert lm.config.intermediate_size == stories.config.intermediate_size // 2
+    assert lm.info["distill"][0]["steps"] == 3
+    out = lmpress.save(lm, tmp_path / "m")
+    x = torch.tensor([[1, 403, 407, 261, 378]])
+    # compress() stores float weights as exact fp16 values (saved as fp16): ask transformers for float32
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(logits(plain, x), logits(lm.model, x))

@@ -435,8 +435,8 @@ def _loss(student, teacher, ids, cfg, hidden, pairs, proj, cached, device) -> Te
 def run_step(lm, model: torch.nn.Module, step, teacher_model: torch.nn.Module | None = None,
              progress: bool = False, kept: list[int] | None = None) -> dict:
     """Apply a recipe.Distill step to `lm` (a LoadedModel, or a model with `tokenizer` given through lm):
-    teacher = step.teacher loaded from disk (same tokenizer required), else `teacher_model` (the model before
-    the recipe). Returns distill()'s history."""
+    teacher = step.teacher loaded from disk (same tokenizer required), else `teacher_model`, else the model
+    reloaded from lm.source (as it was before the recipe: recovery after pruning). Returns distill()'s history."""
     tokenizer = getattr(lm, "tokenizer", None)
     if tokenizer is None:
         raise BadInput("Distill draws its training text with the model's tokenizer: pass a LoadedModel")
@@ -447,8 +447,12 @@ def run_step(lm, model: torch.nn.Module, step, teacher_model: torch.nn.Module | 
         check_same_tokenizer(t_lm, lm)
         teacher_model = t_lm.model
     if teacher_model is None and (step.kl_weight > 0 or step.hidden_weight > 0):
-        raise BadInput("Distill has no teacher: set `teacher` to a model path (or use it after a pruning step, "
-                       "whose input model is then the teacher)")
+        if getattr(lm, "kind", "memory") == "memory":
+            raise BadInput("Distill has no teacher: set `teacher` to a model path (without one, the teacher is the "
+                           "model the student was loaded from, and this one was built in memory)")
+        from ..models import load
+
+        teacher_model = load(lm.source).model  # the model as loaded, before this recipe changed it
     bos = getattr(lm, "bos_id", None)
     train, held = training_batches(tokenizer, step, bos)
     res = distill(model, teacher_model, train, step, eval_batches=held, kept=kept, progress=progress)

@@ -20,8 +20,9 @@ def register_formats() -> dict[str, type[torch.nn.Module]]:
         from .int8_dynamic import Int8DynamicLinear
         from .int8_static import Int8StaticLinear
         from .packed import PackedLinear
+        from .sparse import SparseLinear
 
-        for cls in (Int8DynamicLinear, Int8StaticLinear, PackedLinear):
+        for cls in (Int8DynamicLinear, Int8StaticLinear, PackedLinear, SparseLinear):
             for name in getattr(cls, "formats", None) or (cls.format,):
                 FORMATS[name] = cls
     return FORMATS

@@ -546,3 +546,21 @@ def ratio_for_target(model, spec: ArchSpec, lay: Layout, target: int) -> float:
             return (m + 0.5) / lay.per_group  # mid-step: floor(ratio · per_group) == m exactly
     raise BadInput(f"target of {target:,} parameters is out of reach: removing all but one {lay.unit} unit per "
                    f"{'model' if lay.unit == 'depth' else 'group'} leaves {total - (lay.per_group - 1) * per:,}")
+
+
+def run_step(lm, model: torch.nn.Module, step, progress: bool = False) -> dict:
+    """Apply a recipe.StructuredPrune step (calibration: step.n_samples windows of step.seq_len tokens of the
+    built-in corpus, for the importances that need data). Returns prune_structured's report."""
+    data = None
+    if step.importance != "magnitude":
+        tokenizer = getattr(lm, "tokenizer", None)
+        if tokenizer is None:
+            raise BadInput(f"importance '{step.importance}' calibrates on text: pass a LoadedModel (with a tokenizer)")
+        from ..data import builtin_text, calibration_windows, tokenize
+
+        wins = calibration_windows(tokenize(tokenizer, builtin_text()), step.n_samples, step.seq_len, step.seed)
+        data = [torch.stack([w.ids for w in wins[i:i + 4]]) for i in range(0, len(wins), 4)]
+    report = prune_structured(model, step.unit, step.ratio, step.importance, data, step.target_params, step.head_unit)
+    if hasattr(lm, "info"):
+        lm.info.setdefault("structured", []).append({k: v for k, v in report.items() if k != "removed_units"})
+    return report
