@@ -230,3 +230,29 @@ def test_bad_requests(stories):
         e.generate([])
     with pytest.raises(BadInput, match="vocabulary"):
         e.generate([1, 99999])
+
+
+def test_cli_generate_and_chat(capsys, stories_dir, monkeypatch):
+    import io
+    import json
+
+    from lmpress.cli import main
+
+    model = str(stories_dir / "hf")
+    assert main(["generate", model, "--prompt", "Once upon a time", "--max-tokens", "12", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    want = Engine(lmpress.load(model), max_len=64).generate("Once upon a time", SamplingParams(max_tokens=12)).text
+    assert out == want + "\n" and "decode 12 tok" in err
+    assert main(["generate", model, "--prompt", "Once upon a time", "--max-tokens", "12", "--json", "--stop", "Lily",
+                 "--draft", str(stories_dir / "stories260K.gguf"), "--draft-k", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["text"] == want[:want.index("Lily")] and res["finish_reason"] == "stop"
+    assert res["acceptance_rate"] == 1.0 and res["engine"] == "native"
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n\nHow are you\n"))
+    assert main(["chat", model, "--max-tokens", "8", "--json", "--system", "Be brief."]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["turns"]) == 2 and res["turns"][1]["prompt_tokens"] > res["turns"][0]["prompt_tokens"]
+    assert main(["chat", model, "--max-tokens", "8", "--prompt", "Hi"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", model, "--prompt", "x", "--temperature", "0.5", "--draft", model]) == 2
+    assert "greedy" in capsys.readouterr().err

@@ -25,6 +25,7 @@
                            decode x WATTS_PER_CORE)
   watts_per_core           the W/core the estimate used (None with RAPL)
   decode_cpu_s_per_token   process CPU seconds (user + sys, all threads) per decoded token
+  engine                   "lmpress" (lmpress's runtime) or "transformers" (the reference path)
   threads, batch, prompt_tokens, gen_tokens, repeats, warmup   what was asked
   machine                  {"cpu": model name, "logical_cores", "torch", "transformers", "torch_threads"}
 
@@ -35,8 +36,10 @@ The prompt is deterministic: row i of the batch is BOS (when the model has one) 
 uniformly from the vocabulary by a torch.Generator seeded with PROMPT_SEED + i. Random ids, not text, so the
 prompt length is exact for any tokenizer; the content does not change the cost of a dense forward pass.
 
-The model stepping lives in `generate_greedy` (transformers' model with its DynamicCache); the measuring loop
-in `bench` only calls it, so lmpress's own runtime can replace it without touching the measurements.
+The model stepping lives in `generate_greedy` (transformers' model with its DynamicCache) and
+`generate_greedy_runtime` (lmpress's runtime: its NativeRunner, for the families it supports); both share one
+timing loop. `engine` says which ran: "lmpress" when the native forward did, else "transformers" (asked for,
+or a family without a native forward).
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
-# ---- model stepping (the part lmpress's runtime will replace) ---------------------------------------------
+# ---- model stepping: transformers' forward, or lmpress's runtime ----------------------------------------------
 
 @dataclass
 class Generation:
@@ -163,22 +166,35 @@ def generate_greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int,
     Rows are independent (no padding), so row i gives the same tokens as decoding it alone."""
     from transformers import DynamicCache
 
+    cache = DynamicCache(config=model.config)
+    prefill = lambda x: model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # noqa: E731
+    step = lambda tok, i: model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1]  # noqa: E731
+    return _timed_greedy(prefill, step, ids, steps, rapl)
+
+
+def generate_greedy_runtime(runner, ids: torch.Tensor, steps: int, rapl: list[Path] | None = None) -> Generation:
+    """The same through lmpress's runtime (a runner from lmpress.runtime.make_runner, max_batch >= B)."""
+    P = ids.shape[1]
+    return _timed_greedy(lambda x: runner.prefill(x), lambda tok, i: runner.decode(tok[:, 0], P + i), ids, steps,
+                         rapl)
+
+
+def _timed_greedy(prefill, step, ids: torch.Tensor, steps: int, rapl: list[Path] | None) -> Generation:
+    """prefill(ids [B, P]) -> last logits [B, V]; step(tok [B, 1], i) -> logits [B, V] of decode step i."""
     dev = ids.device
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
         _sync(dev)
         t0 = time.perf_counter()
-        logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits  # [B, 1, V]
+        logits = prefill(ids)
         _sync(dev)
         t1 = time.perf_counter()
-        tok = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+        tok = logits.argmax(-1, keepdim=True)  # [B, 1]
         out = [tok]
         _sync(dev)
         t2 = time.perf_counter()
         cpu0, e0 = cpu_seconds(), read_rapl(rapl) if rapl else None
-        for _ in range(steps):
-            logits = model(input_ids=tok, cache=cache, use_cache=True).logits  # [B, 1, V]
-            tok = logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(steps):
+            tok = step(tok, i).argmax(-1, keepdim=True)
             out.append(tok)
         _sync(dev)
         t3 = time.perf_counter()
@@ -233,22 +249,36 @@ def _check(threads, batch, prompt_tokens, gen_tokens, repeats, warmup, max_posit
 
 
 def bench(lm, threads: int = 2, batch: int = 1, prompt_tokens: int = 128, gen_tokens: int = 64,
-          repeats: int = 3, warmup: int = 1, progress: bool = False) -> dict:
-    """Speed, size and energy of `lm` (a LoadedModel). The keys are listed in this module's docstring."""
+          repeats: int = 3, warmup: int = 1, progress: bool = False, engine: str = "lmpress") -> dict:
+    """Speed, size and energy of `lm` (a LoadedModel). The keys are listed in this module's docstring.
+
+    engine "lmpress": lmpress's runtime (its native forward where the family has one, else transformers');
+    "transformers": transformers' forward with its DynamicCache (the reference path)."""
     _check(threads, batch, prompt_tokens, gen_tokens, repeats, warmup, lm.max_positions)
+    if engine not in ("lmpress", "transformers"):
+        raise BadInput(f"bench: engine must be 'lmpress' or 'transformers', got {engine!r}")
     watts = watts_per_core()  # fail on a bad override before spending time
     model = lm.model
     device = next(model.parameters()).device
     ids = bench_prompt(lm, batch, prompt_tokens).to(device)
     rapl = rapl_domains()
 
+    runner = None
+    if engine == "lmpress":
+        from ..runtime.model import NativeRunner, native_support
+
+        if native_support(lm) is None:
+            runner = NativeRunner(lm, max_batch=batch, max_len=prompt_tokens + gen_tokens + 1)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         runs = []
         with progress_bar(warmup + repeats, f"bench {lm.name}", progress, unit="run") as bar:
             for i in range(warmup + repeats):
-                g = generate_greedy(model, ids, gen_tokens, rapl)
+                if runner is not None:
+                    g = generate_greedy_runtime(runner, ids, gen_tokens, rapl)
+                else:
+                    g = generate_greedy(model, ids, gen_tokens, rapl)
                 if i >= warmup:
                     runs.append(g)
                 bar.update(1)
@@ -282,6 +312,7 @@ def bench(lm, threads: int = 2, batch: int = 1, prompt_tokens: int = 128, gen_to
         "energy_source": source,
         "watts_per_core": w,
         "decode_cpu_s_per_token": cpu_s / decoded,
+        "engine": "lmpress" if runner is not None else "transformers",
         "threads": threads,
         "batch": batch,
         "prompt_tokens": prompt_tokens,

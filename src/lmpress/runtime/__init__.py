@@ -11,7 +11,7 @@ See engine.py for the scheduler a server drives, model.py for the forward pass, 
 from .engine import Completion, Engine, Event, Scheduler, Stream
 from .model import HFRunner, NativeRunner, make_runner, native_support
 from .sampling import SamplingParams, TextStream, pick_token
-from .speculative import speculative_generate
+from .speculative import speculative_generate, speculative_stream
 
 __all__ = ["Completion", "Engine", "Event", "HFRunner", "NativeRunner", "SamplingParams", "Scheduler", "Stream",
-           "TextStream", "make_runner", "native_support", "pick_token", "speculative_generate"]
+           "TextStream", "make_runner", "native_support", "pick_token", "speculative_generate", "speculative_stream"]

@@ -82,13 +82,13 @@ def speculative_events(target: Engine, draft: Engine, prompt, params: SamplingPa
                 proposals.append(d)
         logits = T.prefill(torch.tensor([[history[-1], *proposals]]), start=n, all_logits=True)[0]  # [kk+1, V]
         stats["target_passes"] += 1
-        stats["proposed"] += kk
         for i in range(kk + 1):
             tok = seq.sample(logits[i])
             seq.length += 1  # the token fed at position n + i is now a valid part of the cache
             ev = seq.accept(tok)
             history.append(tok)
             match = i < kk and tok == proposals[i]
+            stats["proposed"] += i < kk  # proposals checked (those after a stop are not)
             stats["accepted"] += match
             yield finish(ev)
             if ev.finished:
