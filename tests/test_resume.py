@@ -115,3 +115,64 @@ def test_cli_compress_calib_and_checkpoint_cleanup(stories_dir, tmp_path, capsys
     rc = main(["compress", str(stories_dir / "hf"), "--recipe", "gptq-w4g128", "--calib", "wikitext2:8x64",
                "--out", str(tmp_path / "r"), "--no-eval"])
     assert rc == 2 and "evaluates on" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------------------- streaming, spill
+
+@pytest.mark.parametrize("source", ["hf", "stories260K.gguf"])
+def test_streamed_compression_equals_in_memory(stories_dir, tmp_path, source):
+    """Blocks read from the file one at a time (their weights on `meta` until the engine reaches them), with
+    activations file-backed: exactly the in-memory result, for a transformers folder and a GGUF file."""
+    from lmpress.models.stream import load_streaming
+
+    path = stories_dir / source
+    data = calibration(lmpress.load(path), "builtin:8x64")
+    recipe = [RTN(bits=8, targets=r"lm_head$", ignore=None), GPTQ(bits=4, group_size=32)]
+    lm = load_streaming(path)
+    blocks = lm.arch.block_list(lm.model)
+    assert all(p.device.type == "meta" for p in blocks.parameters())
+    assert all(p.device.type == "cpu" for n, p in lm.model.named_parameters() if ".layers." not in n)
+    compress(lm, recipe, data=data, spill=tmp_path / "spill", device="cpu")  # (the device path, on the CPU)
+    assert lm.stream is None and len(list((tmp_path / "spill").glob("hidden-*.bin"))) == len(data)
+    ref = compress(lmpress.load(path), recipe, data=data)
+    assert_same_state(state(lm), state(ref))
+
+
+def test_streamed_run_resumes(stories_dir, tmp_path, monkeypatch):
+    from lmpress.models.stream import load_streaming
+
+    path = stories_dir / "hf"
+    data = calibration(lmpress.load(path), "builtin:8x64")
+    whole = compress(lmpress.load(path), [GPTQ(bits=4, group_size=32)], data=data)
+    real = calibrate._compress_block
+
+    def dying(block, index, *a, **k):
+        if index == 2:
+            raise Killed
+        return real(block, index, *a, **k)
+
+    monkeypatch.setattr(calibrate, "_compress_block", dying)
+    with pytest.raises(Killed):
+        compress(load_streaming(path), [GPTQ(bits=4, group_size=32)], data=data, checkpoint=tmp_path / "ck")
+    monkeypatch.setattr(calibrate, "_compress_block", real)
+    lm = compress(load_streaming(path), [GPTQ(bits=4, group_size=32)], data=data, checkpoint=tmp_path / "ck")
+    assert lm.info["calibration"][0]["resumed_blocks"] == 2
+    assert_same_state(state(lm), state(whole))
+
+
+def test_stream_bad_input(stories_dir, tmp_path, capsys):
+    from lmpress.models.stream import load_streaming
+
+    q = tmp_path / "q"
+    assert main(["quantize", str(stories_dir / "hf"), "--scheme", "w4g32", "--out", str(q), "--no-eval",
+                 "--quiet"]) == 0
+    with pytest.raises(BadInput, match="not a model lmpress already compressed"):
+        load_streaming(q)
+    rc = main(["compress", str(stories_dir / "hf"), "--recipe", "gptq-w4g128", "--stream", "--calib", "self:4x32",
+               "--out", str(tmp_path / "s"), "--no-eval"])
+    assert rc == 2 and "drop --stream" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    rc = main(["compress", str(stories_dir / "hf"), "--recipe", "gptq-w4g128", "--stream", "--calib", "builtin:8x64",
+               "--out", str(tmp_path / "t"), "--json", "--quiet", "--eval-windows", "1", "--data", "builtin",
+               "--ctx", "64"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["eval"]["kld"] > 0 and (tmp_path / "t" / "lmpress.json").exists()

@@ -38,10 +38,11 @@ next block. On the same machine and thread count the result is bit-identical to 
 same inputs reach the same deterministic computation). Files are written atomically (temporary name, then
 rename), so a kill at any moment leaves either the previous or the new checkpoint.
 
-Memory: today everything is in memory — the whole model, plus the activations of all calibration batches at
-one block boundary (N·T·D floats, twice while propagating) and one block's statistics. Streaming the weights
-from a safetensors folder or a GGUF file block by block, spilling activations to disk and a device choice
-(CUDA) are later work and belong here, behind the same `run_sequential`; the algorithm functions do not change.
+Memory: the model's blocks may be streamed from disk (`fill`, models/stream.py), so the process holds the
+compressed blocks, one float block, the activations of all calibration batches at one block boundary
+(N·T·D floats; `spill` puts them in file-backed memory the OS can page out) and one block's statistics.
+`device` runs each block's work on an accelerator (the block moves there and back); on this project's
+CPU-only machines that path is exercised with device="cpu" only.
 """
 
 from __future__ import annotations
@@ -275,13 +276,19 @@ def peak_rss_mb() -> float:
 
 
 def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, progress: bool = False,
-                   checkpoints: BlockCheckpoints | None = None) -> dict:
+                   checkpoints: BlockCheckpoints | None = None, fill=None, spill: str | os.PathLike | None = None,
+                   device: str | torch.device | None = None) -> dict:
     """Compress the block linears of `lm_or_model` (a LoadedModel or an nn.Module) in place, block by block.
 
     spec: the model's ArchSpec. batches: calibration token ids, a list of [B, T] tensors. algorithm: an
     object with init_stats / update_stats / apply (module docstring). config: the step config, passed to
     apply as is; its `targets` and `ignore` (when present) select the layers. checkpoints: where to save
-    each finished block and resume from (module docstring); None keeps everything in memory.
+    each finished block and resume from (module docstring); None keeps everything in memory. fill(block,
+    index): called before block `index` is first used, to read its weights from disk (models.stream: the
+    blocks of a streamed model are empty until then). spill: a folder where the activations live in
+    file-backed memory (the OS pages them out under memory pressure) instead of anonymous RAM. device: where
+    each block computes ("cuda" when present): the block and its batches move there for the block's work and
+    the block comes back to the CPU after.
 
     Returns {"layers": [names compressed], "blocks": n, "capture_s", "block_s": [seconds per block],
     "seconds", "resumed_blocks": blocks loaded from checkpoints, "peak_rss_mb": peak resident memory of the process (it includes everything the process held
@@ -303,6 +310,8 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
     block_s: list[float] = []
     resumed = checkpoints.blocks_done(len(blocks)) if checkpoints is not None else 0
     for i in range(resumed):
+        if fill is not None:
+            fill(blocks[i], i)  # the block's non-persistent parts; its saved state then replaces the weights
         done += checkpoints.load_block(blocks[i], i)
     if resumed and progress:
         print(f"lmpress: {type(config).__name__}: resuming after block {resumed} of {len(blocks)} from "
@@ -313,13 +322,21 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
             cap = capture_block_inputs(model, spec, batches)  # the blocks' other arguments (masks, positions)
             if resumed:
                 cap.hidden = checkpoints.load_hidden(len(cap.hidden))
+            if spill is not None:
+                cap.hidden = [_file_backed(h, Path(spill) / f"hidden-{b}.bin") for b, h in enumerate(cap.hidden)]
             capture_s = time.perf_counter() - t0
         try:
             model.eval()
             with progress_bar(len(blocks) - resumed, type(config).__name__, progress, unit="block") as bar:
                 for i in range(resumed, len(blocks)):
                     tb = time.perf_counter()
-                    names = _compress_block(blocks[i], i, spec, cap, algorithm, config)
+                    if fill is not None:
+                        fill(blocks[i], i)
+                    if device is not None:
+                        blocks[i].to(device)
+                    names = _compress_block(blocks[i], i, spec, cap, algorithm, config, device)
+                    if device is not None:
+                        blocks[i].to("cpu")
                     done += names
                     if checkpoints is not None:
                         checkpoints.save(blocks[i], i, names, cap.hidden, last=i == len(blocks) - 1)
@@ -332,7 +349,28 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
             "resumed_blocks": resumed, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
-def _prepare_block(block, index: int, spec, cap: Captured, algorithm, config, targets, seen, stats, ref) -> None:
+def _file_backed(h: Tensor, path: Path) -> Tensor:
+    """A copy of `h` whose memory is the file at `path` (mapped shared: written back, pageable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.truncate(h.numel() * h.element_size())
+    out = torch.from_file(str(path), shared=True, size=h.numel(), dtype=h.dtype).view(h.shape)
+    out.copy_(h)
+    return out
+
+
+def _to(x, device):
+    """Tensors inside tuples, lists and dicts moved to `device` (a block's call arguments)."""
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _prepare_block(block, index: int, spec, run, algorithm, config, targets, seen, stats, ref) -> None:
     """Cross-layer work before the per-layer apply (AWQ, SmoothQuant fold scales into the op before a group
     of linears): algorithm.prepare_block(block, spec, {path in block: stats}, config) changes the float block
     in place and returns the statistics of its new inputs. It must leave the block's function unchanged:
@@ -345,7 +383,7 @@ def _prepare_block(block, index: int, spec, cap: Captured, algorithm, config, ta
     except LmpressError as e:
         raise type(e)(f"{where}: {e}") from None
     stats.update({by_path[p]: st for p, st in new.items()})
-    out = _run_block(block, cap.hidden[0], cap.calls[0][index])
+    out = run(0)  # batch 0 through the rescaled block
     diff, norm = torch.linalg.vector_norm((out - ref).float()), torch.linalg.vector_norm(ref.float())
     err = float(diff / norm.clamp_min(1e-30))
     if not err <= max(1e-3, 10 * torch.finfo(out.dtype).eps):
@@ -354,8 +392,14 @@ def _prepare_block(block, index: int, spec, cap: Captured, algorithm, config, ta
                        f"its projections")
 
 
-def _compress_block(block, index: int, spec, cap: Captured, algorithm, config) -> list[str]:
-    """Observe, apply and propagate one block; cap.hidden becomes the next block's inputs."""
+def _compress_block(block, index: int, spec, cap: Captured, algorithm, config, device=None) -> list[str]:
+    """Observe, apply and propagate one block; cap.hidden becomes the next block's inputs (written in place,
+    so file-backed activations stay file-backed). device: where the block is; batches move there."""
+    def run(b):
+        if device is None:
+            return _run_block(block, cap.hidden[b], cap.calls[b][index])
+        return _run_block(block, cap.hidden[b].to(device), _to(cap.calls[b][index], device))
+
     targets = block_targets(spec, block, index, config)
     if targets:
         # observe: one hook per distinct module (a module under two names is observed and replaced once)
@@ -377,15 +421,15 @@ def _compress_block(block, index: int, spec, cap: Captured, algorithm, config) -
         try:
             for name in seen.values():
                 handles.append(targets[name][1].register_forward_hook(hook_for(name), with_kwargs=True))
-            for b, hidden in enumerate(cap.hidden):
-                out = _run_block(block, hidden, cap.calls[b][index])
+            for b in range(len(cap.hidden)):
+                out = run(b)
                 if b == 0:
                     ref = out  # the float block's output on batch 0: prepare_block must not change it
         finally:
             for h in handles:
                 h.remove()
         if hasattr(algorithm, "prepare_block"):
-            _prepare_block(block, index, spec, cap, algorithm, config, targets, seen, stats, ref)
+            _prepare_block(block, index, spec, run, algorithm, config, targets, seen, stats, ref)
         # apply, then swap the replacements in
         new_by_id = {}
         for mid, name in seen.items():
@@ -399,10 +443,10 @@ def _compress_block(block, index: int, spec, cap: Captured, algorithm, config) -
             if new is not None and new is not mod:
                 _replace(block, path, new)
     # propagate through the compressed block
-    for b, hidden in enumerate(cap.hidden):
-        out = _run_block(block, hidden, cap.calls[b][index])
+    for b in range(len(cap.hidden)):
+        out = run(b)
         if not torch.isfinite(out).all():
             raise BadInput(f"block {index} ({spec.blocks}.{index}) produced inf or NaN activations on "
                            f"calibration batch {b}" + (" after compression" if targets else ""))
-        cap.hidden[b] = out
+        cap.hidden[b].copy_(out)
     return list(targets)

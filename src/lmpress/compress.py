@@ -96,11 +96,13 @@ def _int8_static(lm, model, step, data, progress):
     replace_layers(model, step, lambda mod, _s: Int8StaticLinear.from_linear(mod, *by_id[id(mod)]), progress)
 
 
-def _sequential(lm, model, step, data, progress, algorithm, checkpoints=None):
+def _sequential(lm, model, step, data, progress, algorithm, **engine):
     """A calibrated step through the sequential engine: `algorithm` is a module with init_stats / update_stats
-    / apply (calibrate.py). checkpoints: a calibrate.BlockCheckpoints to save to and resume from, or None."""
+    / apply (calibrate.py). engine: run_sequential's checkpoints / spill / device. A streamed model
+    (models.stream) has its blocks read from disk as the engine reaches them."""
     from .calibrate import all_targets, run_sequential
     from .models.arch import arch_for
+    from .models.stream import fill_block, is_streaming
 
     wanted = select(model, step)  # the usual error when targets/ignore match no float linear layer
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -117,17 +119,19 @@ def _sequential(lm, model, step, data, progress, algorithm, checkpoints=None):
         if not hasattr(lm, "tokenizer"):
             raise BadInput(f"{type(step).__name__} calibrates on activations: pass data=[token id batches [B, T]]")
         data = default_calibration(lm)
-    info = run_sequential(model, spec, data, algorithm, step, progress, checkpoints)
+    if is_streaming(lm):
+        engine["fill"] = lambda _block, i: fill_block(lm, i)
+    info = run_sequential(model, spec, data, algorithm, step, progress, **engine)
     if hasattr(lm, "info"):
         lm.info.setdefault("calibration", []).append(
             {"step": type(step).__name__,
              **{k: info[k] for k in ("seconds", "capture_s", "resumed_blocks", "peak_rss_mb")}})
 
 
-def _gptq(lm, model, step, data, progress, checkpoints=None):
+def _gptq(lm, model, step, data, progress, **engine):
     from .quant import gptq
 
-    _sequential(lm, model, step, data, progress, gptq, checkpoints)
+    _sequential(lm, model, step, data, progress, gptq, **engine)
 
 
 def _magnitude(mod, step):
@@ -136,28 +140,28 @@ def _magnitude(mod, step):
     return prune_magnitude(mod, step)  # zeroes in place; returns the same module
 
 
-def _wanda(lm, model, step, data, progress, checkpoints=None):
+def _wanda(lm, model, step, data, progress, **engine):
     from .prune import wanda
 
-    _sequential(lm, model, step, data, progress, wanda, checkpoints)
+    _sequential(lm, model, step, data, progress, wanda, **engine)
 
 
-def _sparsegpt(lm, model, step, data, progress, checkpoints=None):
+def _sparsegpt(lm, model, step, data, progress, **engine):
     from .prune import sparsegpt
 
-    _sequential(lm, model, step, data, progress, sparsegpt, checkpoints)
+    _sequential(lm, model, step, data, progress, sparsegpt, **engine)
 
 
-def _awq(lm, model, step, data, progress, checkpoints=None):
+def _awq(lm, model, step, data, progress, **engine):
     from .quant import awq
 
-    _sequential(lm, model, step, data, progress, awq, checkpoints)
+    _sequential(lm, model, step, data, progress, awq, **engine)
 
 
-def _smoothquant(lm, model, step, data, progress, checkpoints=None):
+def _smoothquant(lm, model, step, data, progress, **engine):
     from .quant import smoothquant
 
-    _sequential(lm, model, step, data, progress, smoothquant, checkpoints)
+    _sequential(lm, model, step, data, progress, smoothquant, **engine)
 
 
 def _qat(lm, model, step, data, progress):
@@ -237,6 +241,9 @@ def calibration(lm, spec: str = DEFAULT_CALIB, data_dir=None, seed: int = 0, bat
     source, n, length = parse_calib(spec)
     length = min(length, lm.max_positions or length)
     if source == "self":
+        if getattr(lm, "stream", None) is not None:
+            raise BadInput("--calib self generates text with the whole model, and --stream keeps its blocks on disk: "
+                           "use a text source, or drop --stream")
         if lm.bos_id is None:
             raise BadInput("--calib self samples from BOS, and this tokenizer has no BOS token: use a text source")
         if progress:
@@ -294,8 +301,15 @@ def round_float_leftovers(model: torch.nn.Module) -> None:
 SEQUENTIAL = {R.GPTQ, R.Wanda, R.SparseGPT, R.AWQ, R.SmoothQuant}  # the steps the engine can resume
 
 
+def _touches_blocks(lm, model, step) -> bool:
+    """Whether a non-sequential step needs the blocks' weights (a data-free step on lm_head alone does not)."""
+    if type(step) in WHOLE_MODEL:
+        return True
+    return any(name.startswith(lm.arch.blocks + ".") for name in select(model, step))
+
+
 def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None = None, round_floats: bool = True,
-             checkpoint: str | None = None):
+             checkpoint: str | None = None, spill: str | None = None, device: str | None = None):
     """Apply `recipe` (a preset name, a YAML/JSON path, or a list of steps) to `lm` in place; returns `lm`.
 
     `lm` is a LoadedModel (its recipe grows by the steps applied, and is saved in the manifest) or any
@@ -304,8 +318,12 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
     what stays float to fp16 values (round_float_leftovers) so a LoadedModel saves small; off for a step meant
     to be function-preserving. `checkpoint`: a folder where calibrated steps save each finished block, so a
     rerun with the same recipe, model and data resumes where a killed one stopped (calibrate.py); data-free
-    steps are simply redone (they are deterministic), QAT starts over."""
+    steps are simply redone (they are deterministic), QAT starts over. `spill`, `device`: where calibrated steps
+    keep activations (a folder: file-backed) and compute (calibrate.run_sequential). A LoadedModel from
+    models.stream.load_streaming is filled block by block by calibrated steps, whole before any other step,
+    and is an ordinary in-memory model afterwards."""
     from .calibrate import BlockCheckpoints
+    from .models import stream
 
     steps = R.load_recipe(recipe)
     model = getattr(lm, "model", lm)
@@ -317,12 +335,21 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
         _check_job(checkpoint, lm, steps, data)
     with torch.no_grad():
         for k, step in enumerate(steps):
-            if type(step) in WHOLE_MODEL:
-                kw = {"checkpoints": BlockCheckpoints(checkpoint, f"step{k}")} \
-                    if checkpoint is not None and type(step) in SEQUENTIAL else {}
+            if type(step) not in SEQUENTIAL and stream.is_streaming(lm) and _touches_blocks(lm, model, step):
+                if progress:
+                    print(f"lmpress: {type(step).__name__} works on the whole model: reading every block from disk "
+                          f"(streaming bounds memory only for calibrated steps)", file=sys.stderr)
+                stream.fill_all(lm)
+            if type(step) in SEQUENTIAL:
+                kw = {"spill": spill, "device": device}
+                if checkpoint is not None:
+                    kw["checkpoints"] = BlockCheckpoints(checkpoint, f"step{k}")
                 WHOLE_MODEL[type(step)](lm, model, step, data, progress, **kw)
+            elif type(step) in WHOLE_MODEL:
+                WHOLE_MODEL[type(step)](lm, model, step, data, progress)
             else:
                 replace_layers(model, step, CONVERT[type(step)], progress)
+    stream.close(lm)  # a streamed model is whole from here on
     if hasattr(lm, "recipe"):
         if round_floats:
             round_float_leftovers(model)

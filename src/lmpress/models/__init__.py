@@ -32,6 +32,7 @@ class LoadedModel:
     manifest: dict | None = None
     info: dict = field(default_factory=dict)  # e.g. GGUF tensor types
     recipe: list[dict] = field(default_factory=list)  # compression steps applied so far (saved in the manifest)
+    stream: dict | None = field(default=None, repr=False)  # blocks still on file (models.stream); None: all in memory
 
     @property
     def config(self):

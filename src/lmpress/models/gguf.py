@@ -260,8 +260,9 @@ def _tokenizer_from_metadata(gf: GGUFFile):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)
 
 
-def gguf_state_dict(gf: GGUFFile, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Dequantize every tensor of `gf` and name it as `model` (built from the converted config) expects."""
+def gguf_state_dict(gf: GGUFFile, model: torch.nn.Module, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Dequantize the tensors of `gf` and name them as `model` (built from the converted config) expects; only
+    those `keys` of the model's state dict when given (streaming reads one block at a time)."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     cfg = model.config.to_dict()
@@ -270,12 +271,14 @@ def gguf_state_dict(gf: GGUFFile, model: torch.nn.Module) -> dict[str, torch.Ten
     parsed = {"config": cfg, "tensors": {}}
     out = {}
     for name in gf.tensors:
+        if keys is not None and name in mapping and mapping[name] not in keys:
+            continue  # (an unmapped tensor may be split by the processor into wanted pieces: processed)
         res = processor.process(weights=gf.tensor(name), name=name, tensor_key_mapping=mapping,
                                 parsed_parameters=parsed)
         if res.name in mapping:
             out[mapping[res.name]] = torch.from_numpy(np.ascontiguousarray(res.weights))
     out.update(parsed["tensors"])  # processors that split fused tensors put the pieces here
-    return out
+    return out if keys is None else {k: v for k, v in out.items() if k in keys}
 
 
 def _name_map(gf: GGUFFile, model: torch.nn.Module, processor) -> dict[str, str]:
