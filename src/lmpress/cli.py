@@ -101,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=_positive, default=128)
     p.add_argument("--gen-tokens", type=_positive, default=64)
     p.add_argument("--repeats", type=_positive, default=3)
+    p.add_argument("--engine", choices=["lmpress", "transformers"], default="lmpress",
+                   help="lmpress's runtime (default) or the transformers forward (the reference path)")
+
+    for name, help_ in (("generate", "generate text from --prompt, streamed to stdout (speed on stderr)"),
+                        ("chat", "chat through the tokenizer's chat template: one line of stdin per turn")):
+        p = sub.add_parser(name, help=help_, epilog=EPILOG)
+        _common(p)
+        p.add_argument("--prompt", required=name == "generate", help="the prompt" if name == "generate" else
+                       "answer this one message and exit (instead of reading stdin)")
+        if name == "chat":
+            p.add_argument("--system", help="a system message")
+        p.add_argument("--max-tokens", type=_positive, default=128 if name == "generate" else 256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--repetition-penalty", type=float, default=1.0)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        p.add_argument("--draft", help="draft model for speculative decoding (same tokenizer; greedy)")
+        p.add_argument("--draft-k", type=_positive, default=4, help="tokens the draft proposes per step")
+        p.add_argument("--engine", choices=["auto", "native", "transformers"], default="auto")
+        p.add_argument("--max-len", type=_positive, help="KV cache length (default: prompt + max tokens)")
     return ap
 
 
@@ -185,9 +207,9 @@ def cmd_bench(args) -> tuple[dict, str]:
 
     lm = _load(args.model, args)
     res = bench(lm, threads=args.threads or os.cpu_count() or 1, batch=args.batch, prompt_tokens=args.prompt_tokens,
-                gen_tokens=args.gen_tokens, repeats=args.repeats, progress=not args.quiet)
+                gen_tokens=args.gen_tokens, repeats=args.repeats, progress=not args.quiet, engine=args.engine)
     res = {"model": lm.source, **res}
-    rows = [("model", lm.name), ("size on disk", human_bytes(res["size_bytes"])),
+    rows = [("model", lm.name), ("engine", res["engine"]), ("size on disk", human_bytes(res["size_bytes"])),
             ("memory", human_bytes(res["memory_bytes"])), ("bits per weight (disk)", res["bits_per_weight"]),
             ("load time s", res["load_s"]), ("peak RSS", human_bytes(res["peak_rss_bytes"])),
             ("threads / batch", f"{res['threads']} / {res['batch']}"),
@@ -196,6 +218,88 @@ def cmd_bench(args) -> tuple[dict, str]:
             (f"decode tok/s ({res['gen_tokens']} tokens)", res["decode_tokens_per_s"]),
             ("energy J/token", f"{res['energy_j_per_token']:.3g} ({res['energy_source']})")]
     return res, key_values(rows)
+
+
+def _engines(args, lm, prompt_tokens: int):
+    """The engine (and the draft's) for generate/chat, its KV cache sized for the prompt and the new tokens."""
+    from .runtime import Engine
+
+    max_len = args.max_len or prompt_tokens + args.max_tokens + args.draft_k + 1
+    engine = Engine(lm, max_len=max_len, backend=args.engine)
+    if engine.notice and not args.quiet:
+        print(f"lmpress: {engine.notice}", file=sys.stderr)
+    draft = Engine(_load(args.draft, args), max_len=max_len, backend=args.engine) if args.draft else None
+    return engine, draft
+
+
+def _run_generation(args, engine, draft, prompt_ids, out) -> dict:
+    """Generate (streaming pieces to `out` unless --json); the completion's numbers as a dict."""
+    from .runtime import SamplingParams, speculative_stream
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop=tuple(args.stop))
+    stream = speculative_stream(engine, draft, prompt_ids, params, args.draft_k) if draft \
+        else engine.stream(prompt_ids, params)
+    for piece in stream:
+        if not args.json:
+            out.write(piece)
+            out.flush()
+    c = stream.completion.to_dict()
+    c.pop("token_ids")
+    stats = f"prefill {c['prompt_tokens']} tok {c['prefill_tokens_per_s']:.1f} tok/s, decode " \
+            f"{c['completion_tokens']} tok {c['decode_tokens_per_s']:.1f} tok/s ({c['finish_reason']})"
+    if draft:
+        stats += f", draft acceptance {c['acceptance_rate']:.2f} (k={args.draft_k}), " \
+                 f"{c['tokens_per_target_pass']:.2f} tokens per target pass"
+    if not args.json and not args.quiet:
+        print(f"\n[{stats}]", file=sys.stderr)
+    return {**c, "engine": "native" if engine.native else "transformers"}
+
+
+def cmd_generate(args) -> tuple[dict, str]:
+    lm = _load(args.model, args)
+    ids = list(lm.tokenizer(args.prompt).input_ids)
+    engine, draft = _engines(args, lm, len(ids))
+    res = _run_generation(args, engine, draft, ids, sys.stdout)
+    return {"model": lm.source, **res}, ""
+
+
+def cmd_chat(args) -> tuple[dict, str]:
+    """Each stdin line is a user turn; the whole conversation goes through the chat template every turn
+    (oldest turns dropped when it outgrows the cache). Ends at EOF, or after one answer with --prompt."""
+    lm = _load(args.model, args)
+    engine, draft = _engines(args, lm, 0 if args.max_len else min(lm.max_positions or 2048, 2048) - args.max_tokens
+                             - args.draft_k - 1)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    turns = []
+    interactive = args.prompt is None and sys.stdin.isatty() and not args.json
+    while True:
+        if args.prompt is not None:
+            if turns:
+                break
+            line = args.prompt
+        else:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+        history.append({"role": "user", "content": line})
+        ids = engine.chat_ids(system + history)
+        while len(ids) + args.max_tokens > engine.max_len and len(history) > 1:
+            history = history[2:]  # drop the oldest exchange
+            ids = engine.chat_ids(system + history)
+        res = _run_generation(args, engine, draft, ids, sys.stdout)
+        if not args.json:
+            print(flush=True)
+        history.append({"role": "assistant", "content": res["text"]})
+        turns.append(res)
+    return {"model": lm.source, "turns": turns}, ""
 
 
 def _compress_command(args, steps) -> tuple[dict, str]:
@@ -281,6 +385,7 @@ def cmd_compress(args) -> tuple[dict, str]:
 
 COMMANDS = {"info": cmd_info, "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize,
             "compress": cmd_compress, "prune": cmd_prune}
+COMMANDS.update(generate=cmd_generate, chat=cmd_chat)
 
 
 def _quiet_libraries():
