@@ -173,3 +173,30 @@ def test_bad_distill_config():
                 dict(kl_weight=0, ce_weight=0), dict(sparsity=1.0)):
         with pytest.raises(BadInput):
             R.Distill(**bad)
+
+
+def test_cli_prune_structured_and_distill(stories_dir, tmp_path, capsys):
+    import json
+
+    from lmpress.cli import main
+
+    S = str(stories_dir / "hf")
+    out = tmp_path / "p"
+    assert main(["prune", S, "--structured", "mlp", "--ratio", "0.25", "--recover", "2", "--seq-len", "32",
+                 "--samples", "4", "--out", str(out), "--no-eval", "--json", "--quiet", "--train-device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in res["recipe"]] == ["StructuredPrune", "Distill"]
+    assert lmpress.load(out).config.intermediate_size == 172 - 43  # floor(0.25 · 172) channels removed
+    d = tmp_path / "d"
+    assert main(["distill", "--teacher", S, "--drop-layers", "2", "--steps", "2", "--seq-len", "32", "--samples", "4",
+                 "--out", str(d), "--no-eval", "--json", "--quiet", "--checkpoint-every", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["kept_blocks"]) == 3 and lmpress.load(d).config.num_hidden_layers == 3
+    assert not (tmp_path / ".d.distill-ckpt").exists()  # removed once the model is saved
+    for argv, msg in ((["prune", S, "--structured", "heads", "--ratio", "1.0"], "--ratio"),
+                      (["prune", S, "--structured", "heads", "--ratio", "0"], "--ratio"),
+                      (["prune", S, "--structured", "mlp", "--ratio", "0.5", "--importance", "nope"], "importance"),
+                      (["distill", "--teacher", S, "--drop-layers", "5", "--steps", "1"], "drop-layers")):
+        assert main(argv + ["--out", str(tmp_path / "x"), "--quiet"]) != 0
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()

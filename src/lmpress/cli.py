@@ -38,6 +38,17 @@ def _common(p: argparse.ArgumentParser, model: bool = True):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _out_and_check(p: argparse.ArgumentParser, against: str) -> None:
+    """--out (atomic, refused if it exists unless --force) and the quick quality check after writing it."""
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-eval", action="store_true", help=f"skip the quick quality check against {against}")
+    p.add_argument("--eval-windows", type=_positive, default=8, help="windows of the quick check (default 8)")
+    p.add_argument("--data", default="auto", help="text of the quick check (as for eval)")
+    p.add_argument("--data-dir", help="folder with wikitext-2-raw-v1/ (default: $LMPRESS_DATA)")
+    p.add_argument("--ctx", type=_positive, default=512)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lmpress", description="Smaller, faster language models, measured.",
                                  epilog=EPILOG)
@@ -77,23 +88,46 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
             p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed, in [0, 1)")
             p.add_argument("--pattern", help="N:M semi-structured pattern, e.g. 2:4 (sparsity is then N/M)")
+            p.add_argument("--structured", choices=["heads", "mlp", "depth"],
+                           help="remove whole attention heads, MLP channels or blocks instead (a smaller dense model)")
+            p.add_argument("--ratio", type=float, help="--structured: fraction of each layer's heads/channels (or of "
+                           "the blocks) removed, in (0, 1)")
+            p.add_argument("--target-params", type=_positive, help="--structured: remove the fewest units that bring "
+                           "the parameter count to at most this (instead of --ratio)")
+            p.add_argument("--importance", default=None, help="--structured: magnitude | activation | taylor | "
+                           "influence (depth) (default: activation; influence for depth)")
+            p.add_argument("--head-unit", choices=["query", "group"], default="query",
+                           help="--structured heads: remove query heads evenly from every KV group, or whole KV groups")
+            p.add_argument("--recover", type=_positive, metavar="N",
+                           help="--structured: distill N steps from the unpruned model afterwards")
+            _train_args(p)
         else:
             from .recipe import PRESETS
 
             p.add_argument("--recipe", required=True, help=f"preset ({', '.join(PRESETS)}) or recipe.yaml/.json")
-        p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
-        p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-        p.add_argument("--no-eval", action="store_true", help="skip the quick quality check against the input")
-        p.add_argument("--eval-windows", type=_positive, default=8, help="windows of the quick check (default 8)")
-        p.add_argument("--data", default="auto", help="text of the quick check (as for eval)")
-        p.add_argument("--data-dir", help="folder with wikitext-2-raw-v1/ (default: $LMPRESS_DATA)")
-        p.add_argument("--ctx", type=_positive, default=512)
+        _out_and_check(p, "the input")
         p.add_argument("--calib", default="builtin:128x512",
                        help="calibration data of calibrated steps: SOURCE:NxL, SOURCE = builtin, self (text the model "
                             "writes itself: data-free), a text file or FILE.jsonl[:FIELD] (default builtin:128x512)")
         p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
         p.add_argument("--checkpoint", help="folder of per-block checkpoints of calibrated steps, to resume a killed "
                                             "run (default: .OUT.resume beside --out; removed once the model is saved)")
+
+    p = sub.add_parser("distill", help="train a student on a teacher's outputs: --teacher T (--student S | "
+                       "--drop-layers K) --steps N", epilog=EPILOG)
+    _common(p, model=False)
+    p.add_argument("--teacher", required=True, help="the teacher model (MODEL as above)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--student", help="a student model sharing the teacher's tokenizer")
+    who.add_argument("--drop-layers", type=_positive, metavar="K",
+                     help="student = the teacher without its K least influential blocks (initialised from it)")
+    p.add_argument("--steps", type=_positive, required=True, help="optimizer steps")
+    _train_args(p)
+    p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE (default 0)")
+    p.add_argument("--topk", type=_positive, help="cache the teacher's top-k logits once instead of running it every step")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (progress bar)")
+    _out_and_check(p, "the teacher")
 
     p = sub.add_parser("bench", help="size, memory, load time, prefill/decode speed, energy", epilog=EPILOG)
     _common(p)
@@ -371,10 +405,111 @@ def cmd_quantize(args) -> tuple[dict, str]:
     return _compress_command(args, scheme(args.scheme, args.method))
 
 
-def cmd_prune(args) -> tuple[dict, str]:
-    from .recipe import pruning
+def _train_args(p: argparse.ArgumentParser) -> None:
+    """Training options shared by `distill` and `prune --recover`."""
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--batch-size", type=_positive, default=4)
+    p.add_argument("--seq-len", type=_positive, default=256, help="tokens per training window (default 256)")
+    p.add_argument("--samples", type=_positive, default=64, help="training windows (default 64)")
+    p.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of the data cross-entropy (KL has weight 1)")
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--train-data", default="builtin", help="training text: builtin, wikitext2-train or a file "
+                   "(never the WikiText-2 test text)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--train-device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where training runs (default: cuda when available; bf16 autocast there)")
+    p.add_argument("--train-seed", type=int, default=0)
 
-    return _compress_command(args, pruning(args.method, args.sparsity, args.pattern))
+
+def _distill_step(args, steps: int, teacher: str | None = None, checkpoint_dir: str | None = None):
+    from .recipe import Distill
+
+    return Distill(teacher=teacher, steps=steps, lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size,
+                   seq_len=args.seq_len, n_samples=args.samples, grad_accum=args.grad_accum,
+                   temperature=args.temperature, kl_weight=args.kl_weight, ce_weight=args.ce_weight,
+                   hidden_weight=getattr(args, "hidden_weight", 0.0), topk=getattr(args, "topk", None),
+                   data=args.train_data, grad_checkpointing=args.grad_checkpointing, device=args.train_device,
+                   seed=args.train_seed, eval_every=getattr(args, "eval_every", 0),
+                   checkpoint_every=getattr(args, "checkpoint_every", 0), checkpoint_dir=checkpoint_dir)
+
+
+def cmd_prune(args) -> tuple[dict, str]:
+    from .recipe import StructuredPrune, pruning
+
+    if args.structured is None:
+        if args.ratio is not None or args.recover or args.target_params:
+            raise BadInput("--ratio, --target-params and --recover go with --structured heads|mlp|depth")
+        return _compress_command(args, pruning(args.method, args.sparsity, args.pattern))
+    if (args.ratio is None) == (args.target_params is None):
+        raise BadInput("--structured needs --ratio R (a fraction in (0, 1)) or --target-params N, one of the two")
+    if args.ratio is not None and not 0 < args.ratio < 1:
+        raise BadInput(f"--ratio must be in (0, 1) (the fraction of units removed), got {args.ratio}")
+    importance = args.importance or ("influence" if args.structured == "depth" else "activation")
+    steps = [StructuredPrune(unit=args.structured, ratio=args.ratio or 0.0, importance=importance,
+                             head_unit=args.head_unit, target_params=args.target_params, seed=args.seed)]
+    if args.recover:
+        steps.append(_distill_step(args, args.recover))  # teacher None: the model as loaded, unpruned
+    return _compress_command(args, steps)
+
+
+def cmd_distill(args) -> tuple[dict, str]:
+    import dataclasses
+    from pathlib import Path
+
+    from .data import load_text, wikitext_available
+    from .distill.student import drop_layers
+    from .distill.train import run_step, training_batches
+    from .eval.kld import kl_divergence
+    from .eval.report import human_bytes, key_values
+    from .models import check_same_tokenizer, stored_weights
+    from .models.io import save
+    from .recipe import to_dict
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise BadInput(f"{out} already exists; choose another --out or pass --force to replace it")
+    ckpt = out.parent / f".{out.name}.distill-ckpt" if args.checkpoint_every else None
+    step = _distill_step(args, args.steps, checkpoint_dir=str(ckpt) if ckpt else None)
+    teacher = _load(args.teacher, args)
+    kept = None
+    if args.student:
+        student = _load(args.student, args)
+        check_same_tokenizer(teacher, student)
+    else:
+        calib, _ = training_batches(teacher.tokenizer, dataclasses.replace(step, n_samples=8, eval_samples=0),
+                                    teacher.bos_id)
+        model, kept = drop_layers(teacher.model, args.drop_layers, data=calib)
+        student = dataclasses.replace(teacher, model=model, disk_params=stored_weights(model), manifest=None,
+                                      info={}, recipe=list(teacher.recipe))
+    res_train = run_step(student, student.model, step, teacher_model=teacher.model, progress=not args.quiet, kept=kept)
+    student.recipe = list(student.recipe) + [to_dict(step)]
+    save(student, out, overwrite=args.force)
+    if ckpt is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    res = {"teacher": teacher.source, "student": args.student or f"teacher - {args.drop_layers} blocks",
+           "kept_blocks": kept, "out": str(out), "params": sum(p.numel() for p in student.model.parameters()),
+           "teacher_params": sum(p.numel() for p in teacher.model.parameters()), "size_bytes": size,
+           "train": {k: v for k, v in res_train.items() if k != "loss"}, "recipe": [to_dict(step)]}
+    rows = [("teacher", teacher.name), ("student", res["student"]), ("saved to", str(out)),
+            ("parameters", f"{res['params']:,} (teacher {res['teacher_params']:,})"), ("size", human_bytes(size)),
+            ("loss first → last", f"{res_train['first']:.4f} → {res_train['last']:.4f}"),
+            ("held-out perplexity (training text)", res_train.get("eval_perplexity")),
+            ("train time s", res_train["seconds"])]
+    if kept is not None:
+        rows.append(("teacher blocks kept", ",".join(map(str, kept))))
+    if not args.no_eval:
+        data = args.data if args.data != "auto" else ("wikitext2" if wikitext_available(args.data_dir) else "builtin")
+        q = kl_divergence(student, teacher, load_text(data, args.data_dir), ctx=args.ctx, windows=args.eval_windows,
+                          progress=not args.quiet)
+        res["eval"] = {"data": data, **q}
+        rows += [(f"perplexity ({data}, {q['windows']}×{args.ctx})",
+                  f"{q['perplexity']:.3f} (teacher {q['base_perplexity']:.3f})"),
+                 ("KLD to teacher", q["kld"]), ("top-1 agreement", q["top1_agreement"])]
+    return res, key_values(rows)
 
 
 def cmd_compress(args) -> tuple[dict, str]:
@@ -384,7 +519,7 @@ def cmd_compress(args) -> tuple[dict, str]:
 
 
 COMMANDS = {"info": cmd_info, "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize,
-            "compress": cmd_compress, "prune": cmd_prune}
+            "compress": cmd_compress, "prune": cmd_prune, "distill": cmd_distill}
 COMMANDS.update(generate=cmd_generate, chat=cmd_chat)
 
 
