@@ -1,8 +1,12 @@
-"""Quantization table (issue 3): for each recipe, bits per weight on disk, WikiText-2 perplexity (llama.cpp
+"""One row per recipe (the quantization table of issue 3, the calibrated table of issue 4): for each recipe, bits per weight on disk, WikiText-2 perplexity (llama.cpp
 protocol), KLD and top-1 agreement to the base, a zero-shot average on a stated subset, decode tokens/s.
 
 usage: python benchmarks/quantization.py MODEL --name NAME [--windows 40] [--ctx 512] [--limit 50]
            [--tasks arc_easy,piqa,...] [--threads 2] [--recipes base,w8,...] [--out FILE.jsonl] [--no-bench]
+           [--subprocess [--calib builtin:128x512] [--stream]]
+Recipes: the names below (RECIPES) or any lmpress preset (gptq-w4g128, awq-w4g128, sparsegpt-2:4, ...).
+--subprocess compresses with `lmpress compress ... --json` in a child process, so that the row's compression
+time and peak RAM (`compress_peak_rss_mb`: the child's, model load included) are the command's own.
 Each recipe's row is appended to the JSONL file as soon as it is measured (a rerun skips recipes already
 there); the markdown table is printed at the end. Needs LMPRESS_DATA (or --data-dir) for WikiText-2 and the
 zero-shot sets.
@@ -50,15 +54,45 @@ def speed(base, name, steps, a):
     return row
 
 
-def measure(base, name, steps, text, a):
-    lm = copy.deepcopy(base)
-    t0 = time.perf_counter()
-    if steps:
-        lmpress.compress(lm, steps)
-    secs = time.perf_counter() - t0
+def steps_for(name):
+    from lmpress.recipe import load_recipe
+
+    return RECIPES[name] if name in RECIPES else load_recipe(name)
+
+
+def compress_in_child(name, a) -> tuple[lmpress.LoadedModel, dict]:
+    """`lmpress compress` in a child process; returns the saved model, loaded, and the command's JSON."""
+    import subprocess
+
     with tempfile.TemporaryDirectory() as tmp:
-        out = lmpress.save(lm, Path(tmp) / "m")
-        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        out = Path(tmp) / "m"
+        cmd = [sys.executable, "-m", "lmpress.cli", "compress", a.model, "--recipe", name, "--out", str(out),
+               "--no-eval", "--json", "--quiet", "--threads", str(a.threads), "--calib", a.calib]
+        cmd += ["--stream"] if a.stream else []
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
+        res = json.loads(r.stdout)
+        res["command"] = "lmpress " + " ".join(cmd[3:]).replace(str(out), "OUT")
+        return lmpress.load(out), res
+
+
+def measure(base, name, steps, text, a):
+    extra = {}
+    if a.subprocess and steps:
+        lm, res = compress_in_child(name, a)
+        secs, size = res["compress_s"], res["size_bytes"]
+        extra = {"compress_peak_rss_mb": res["peak_rss_mb"], "command": res["command"],
+                 "calibration": res.get("calibration", {}).get("spec")}
+    else:
+        lm = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        if steps:
+            lmpress.compress(lm, steps)
+        secs = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            out = lmpress.save(lm, Path(tmp) / "m")
+            size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     q = lmpress.kl_divergence(lm, base, text, ctx=a.ctx, windows=a.windows, progress=True)
     tasks = lmpress.zero_shot(lm, a.tasks.split(","), limit=a.limit, data_dir=a.data_dir, progress=True)
     b = {"decode_tokens_per_s": float("nan")} if a.no_bench else \
@@ -68,7 +102,7 @@ def measure(base, name, steps, text, a):
             "base_perplexity": q["base_perplexity"], "kld": q["kld"], "kld_stderr": q["kld_stderr"],
             "top1_agreement": q["top1_agreement"], "tokens": q["tokens"],
             "zero_shot_avg_acc": tasks["average_acc"], "zero_shot_avg_acc_norm": tasks["average_acc_norm"],
-            "decode_tokens_per_s": b["decode_tokens_per_s"], "threads": a.threads}
+            "decode_tokens_per_s": b["decode_tokens_per_s"], "threads": a.threads, **extra}
 
 
 def table(rows, a, model):
@@ -99,6 +133,9 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--no-bench", action="store_true", help="skip decode timing (e.g. on a busy machine)")
     ap.add_argument("--speed-threads", help="only decode/prefill speed, at these thread counts (e.g. 1,2)")
+    ap.add_argument("--subprocess", action="store_true", help="compress with `lmpress compress` in a child process")
+    ap.add_argument("--calib", default="builtin:128x512", help="calibration of --subprocess runs")
+    ap.add_argument("--stream", action="store_true", help="--subprocess runs stream the weights from the file")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out or Path(__file__).parent / "results" / f"quant-{a.name}.jsonl")
@@ -107,7 +144,7 @@ def main():
         if out.exists() else {}
     base = lmpress.load(a.model)
     if a.speed_threads:
-        rows = [speed(base, name, RECIPES[name], a) for name in a.recipes.split(",")]
+        rows = [speed(base, name, steps_for(name), a) for name in a.recipes.split(",")]
         keys = [k for k in rows[0] if k != "recipe"]
         print("| recipe | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
         for r in rows:
@@ -120,7 +157,7 @@ def main():
         if name in done:
             continue
         print(f"== {a.name} {name}", file=sys.stderr, flush=True)
-        row = measure(base, name, RECIPES[name], text, a)
+        row = measure(base, name, steps_for(name), text, a)
         done[name] = row
         with open(out, "a") as fh:
             fh.write(json.dumps(row) + "\n")

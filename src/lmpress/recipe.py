@@ -556,13 +556,17 @@ PRESETS: dict[str, list] = {
     "gptq-w3g64": [GPTQ(bits=3, group_size=64)],
     "awq-w4g128": [AWQ(bits=4, group_size=128)],
     "awq-w3g64": [AWQ(bits=3, group_size=64)],
+    "awq-gptq-w4g128": [AWQ(bits=4, group_size=128, scale_only=True), GPTQ(bits=4, group_size=128)],
+    "awq-gptq-w3g64": [AWQ(bits=3, group_size=64, scale_only=True), GPTQ(bits=3, group_size=64)],
     "smoothquant-w8a8": [SmoothQuant(alpha=0.5), W8A8Dynamic()],
     "magnitude-50": [Magnitude(0.5)],
+    "magnitude-2:4": [Magnitude(pattern="2:4")],
     "wanda-50": [Wanda(0.5)],
     "wanda-2:4": [Wanda(pattern="2:4")],
     "sparsegpt-50": [SparseGPT(0.5)],
     "sparsegpt-2:4": [SparseGPT(pattern="2:4")],
     "sparsegpt-2:4-w4g128": [SparseGPT(pattern="2:4", bits=4, group_size=128)],
+    "sparsegpt-2:4+gptq-w4g128": [SparseGPT(pattern="2:4"), GPTQ(bits=4, group_size=128)],
 }
 
 
