@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
         p.add_argument("--checkpoint", help="folder of per-block checkpoints of calibrated steps, to resume a killed "
                                             "run (default: .OUT.resume beside --out; removed once the model is saved)")
+        p.add_argument("--stream", action="store_true",
+                       help="read each block's weights from the file only when calibrated steps reach it (bounded "
+                            "memory: compressed blocks + one float block + activations)")
+        p.add_argument("--spill", help="folder for file-backed calibration activations (pageable under memory pressure)")
+        p.add_argument("--device", help="where calibrated steps compute, e.g. cuda (default: cpu)")
 
     p = sub.add_parser("distill", help="train a student on a teacher's outputs: --teacher T (--student S | "
                        "--drop-layers K) --steps N", epilog=EPILOG)
@@ -341,6 +346,7 @@ def _compress_command(args, steps) -> tuple[dict, str]:
     import copy
     from pathlib import Path
 
+    from .calibrate import peak_rss_mb
     from .compress import SEQUENTIAL, WHOLE_MODEL, calibration, compress
     from .data import load_text, wikitext_available
     from .eval.kld import kl_divergence
@@ -351,20 +357,34 @@ def _compress_command(args, steps) -> tuple[dict, str]:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise BadInput(f"{out} already exists; choose another --out or pass --force to replace it")
-    lm = _load(args.model, args)
-    base = None if args.no_eval else copy.deepcopy(lm)
+    if args.stream:
+        from .models import default_model_path
+        from .models.stream import load_streaming
+
+        lm = load_streaming(args.model or default_model_path())
+        base = None  # loaded after saving, for the quick check: a copy now would hold the whole float model
+    else:
+        lm = _load(args.model, args)
+        base = None if args.no_eval else copy.deepcopy(lm)
+    if args.device and args.device != "cpu":
+        import torch
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BadInput(f"--device {args.device}: no CUDA device is available here")
     calibrated = [s for s in steps if type(s) in WHOLE_MODEL and type(s) is not QAT]
     data = calibration(lm, args.calib, args.data_dir, seed=args.seed, progress=not args.quiet) if calibrated else None
     ckpt = Path(args.checkpoint) if args.checkpoint else out.parent / f".{out.name}.resume"
     resumable = any(type(s) in SEQUENTIAL for s in steps)
-    compress(lm, steps, progress=not args.quiet, data=data, checkpoint=str(ckpt) if resumable else None)
+    compress(lm, steps, progress=not args.quiet, data=data, checkpoint=str(ckpt) if resumable else None,
+             spill=args.spill, device=args.device)
     save(lm, out, overwrite=args.force)
     if resumable:
         shutil.rmtree(ckpt, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     res = {"model": lm.source, "out": str(out), "recipe": [to_dict(s) for s in steps],
            "compress_s": lm.info.get("compress_s"), "input_size_bytes": lm.disk_bytes, "size_bytes": size,
-           "bits_per_weight": size * 8 / max(lm.disk_params, 1), **_quantized_bpw(lm.model)}
+           "bits_per_weight": size * 8 / max(lm.disk_params, 1), **_quantized_bpw(lm.model),
+           "peak_rss_mb": peak_rss_mb()}
     if data is not None:
         res["calibration"] = {"spec": args.calib, "seed": args.seed, "samples": sum(len(b) for b in data),
                               "tokens": sum(b.numel() for b in data), "steps": lm.info.get("calibration", [])}
@@ -372,11 +392,12 @@ def _compress_command(args, steps) -> tuple[dict, str]:
             ("size", f"{human_bytes(size)} (input {human_bytes(lm.disk_bytes)})"),
             ("bits per weight (file)", res["bits_per_weight"]),
             ("bits per weight (quantized layers)", res.get("quantized_bits_per_weight")),
-            ("compress time s", res["compress_s"])]
+            ("compress time s", res["compress_s"]), ("peak RSS MiB (load + compress + save)", res["peak_rss_mb"])]
     if data is not None:
         c = res["calibration"]
-        rows += [("calibration", f"{c['spec']}: {c['samples']} samples, {c['tokens']:,} tokens"),
-                 ("peak RSS MiB", max((st["peak_rss_mb"] for st in c["steps"]), default=None))]
+        rows += [("calibration", f"{c['spec']}: {c['samples']} samples, {c['tokens']:,} tokens")]
+    if args.stream and not args.no_eval:
+        base = _load(lm.source, args)  # after the peak RSS above: the bound is the compression's
     if base is not None:
         data = args.data if args.data != "auto" else ("wikitext2" if wikitext_available(args.data_dir) else "builtin")
         q = kl_divergence(lm, base, load_text(data, args.data_dir), ctx=args.ctx, windows=args.eval_windows,
