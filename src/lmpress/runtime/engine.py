@@ -88,11 +88,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.prefill_s = 0.0
         self.t_first = self.t_last = 0.0
-        self._seen = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long) if params.repetition_penalty != 1 \
+        self.seen = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long) if params.repetition_penalty != 1 \
             else None
 
     def sample(self, logits: torch.Tensor) -> int:
-        return pick_token(logits, self.params, self.generator, self._seen)
+        return pick_token(logits, self.params, self.generator, self.seen)
 
     def accept(self, token: int) -> Event:
         """Record a sampled token; decide whether the sequence ends here."""
@@ -102,8 +102,8 @@ class Sequence:
         if token in self.eos:
             return self.finish("stop")
         self.tokens.append(token)
-        if self._seen is not None:
-            self._seen = torch.cat([self._seen, torch.tensor([token])]).unique()
+        if self.seen is not None:
+            self.seen = torch.cat([self.seen, torch.tensor([token])]).unique()
         piece = self.text.push(token)
         self.next_token = token
         if self.text.finished:

@@ -2,6 +2,7 @@
 
 SamplingParams   what a request asks for (greedy when temperature is 0; seed makes sampling reproducible)
 pick_token       logits [V] → one token id: repetition penalty, then temperature, top-k, top-p (HF's order)
+distribution     the probabilities pick_token samples from (speculative sampling compares two of them)
 TextStream       incremental detokenization with stop strings: pieces of new text, never a stop string,
                  never half a UTF-8 character
 """
@@ -68,11 +69,20 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
                seen: torch.Tensor | None = None) -> int:
     """logits [V] (float32) → a token id."""
-    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
-        logits = penalize(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return int(logits.argmax())
-    logits = logits / params.temperature
+        return int(_penalized(logits, params, seen).argmax())
+    return int(torch.multinomial(distribution(logits, params, seen), 1, generator=generator))
+
+
+def _penalized(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        return penalize(logits, seen, params.repetition_penalty)
+    return logits
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The probabilities [V] sampling draws from (not for greedy params): penalty, temperature, top-k, top-p."""
+    logits = _penalized(logits, params, seen) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -82,8 +92,8 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
         drop = (sp.cumsum(0) - sp) >= params.top_p
         sp[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sp)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = torch.zeros_like(probs).scatter_(0, order, sp / sp.sum())
+    return probs
 
 
 @dataclass

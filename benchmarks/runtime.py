@@ -1,0 +1,254 @@
+"""The runtime table of issue 5: decode and prefill tokens/s of transformers fp32 `generate` beside lmpress's
+runtime (fp32, W8, W4 g128, W4 g32) and llama.cpp (Q8_0, Q4_0 of the same weights), at threads 1 and 2,
+greedy, 128 new tokens; each decode figure also as a fraction of the memory-bandwidth roofline.
+
+usage: python benchmarks/runtime.py [MODEL] [--threads 1,2] [--gen 128] [--prompt-tokens 64] [--repeats 3]
+           [--variants transformers,fp32,w8,w4g128,w4g32] [--llamacpp Q8_0.gguf,Q4_0.gguf]
+           [--llamacpp-python /work/llvenv/bin/python] [--make-gguf DIR] [--draft MODEL --draft-k 4]
+           [--out FILE.jsonl]
+       python benchmarks/runtime.py --overhead [--layers 30]    per-token Python cost of the decode loop
+
+Method. Variants are measured round-robin (variant A, B, C, then A, B, C again, `--repeats` rounds after one
+warm-up round) and the medians reported, so background load hits every column alike. One round of one variant
+= a prefill of `--prompt-tokens` seeded random ids (eval.bench.bench_prompt) then `--gen` greedy decode
+steps. Roofline: weight bytes read per decoded token (every linear layer's stored weights — codes, scales,
+zeros — and the output head; an embedding lookup reads one row and is left out) ÷ copy bandwidth, where copy
+bandwidth is STREAM's "copy" (bytes read + bytes written per second by torch's copy_ of a 256 MiB buffer at
+that thread count). fraction = measured tok/s ÷ (bandwidth ÷ bytes per token).
+
+llama.cpp columns need llama-cpp-python: it runs in a child process with `--llamacpp-python` (its own venv);
+`--make-gguf DIR` writes F32, Q8_0 and Q4_0 GGUFs of MODEL (a .gguf) there first with ../shared/scripts
+(gguf-to-f32.py, then llama.cpp's own quantizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lmpress
+from lmpress.eval.bench import bench_prompt, generate_greedy, generate_greedy_runtime
+from lmpress.recipe import RTN, W8A8Dynamic
+from lmpress.runtime import Engine, NativeRunner, SamplingParams, speculative_generate
+
+RECIPES = {"fp32": [], "w8": [RTN(8, None, symmetric=True)], "w8a8": [W8A8Dynamic()], "w4g128": [RTN(4, 128)],
+           "w4g32": [RTN(4, 32)]}
+SCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "scripts"
+DEFAULT_MODEL = "/work/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def copy_bandwidth(threads: int, mib: int = 256, repeats: int = 5) -> float:
+    """STREAM-style copy bandwidth in bytes/s (read + write) at `threads` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        src = torch.ones(mib << 18)  # float32: mib MiB
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+        return 2 * src.numel() * 4 / statistics.median(times)
+    finally:
+        torch.set_num_threads(before)
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of every linear layer's stored weights (tied output head included: it is read as the head)."""
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) or callable(getattr(mod, "lmpress_format", None)):
+            tensors = [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+def make_variant(base, name: str):
+    if name in ("transformers", "fp32"):
+        return base
+    lm = copy.deepcopy(base)
+    lmpress.compress(lm, RECIPES[name])
+    return lm
+
+
+def one_run(kind: str, lm, runner, ids, gen: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one prefill + `gen` greedy steps."""
+    g = generate_greedy(lm.model, ids, gen) if kind == "transformers" else generate_greedy_runtime(runner, ids, gen)
+    return ids.shape[1] / g.prefill_s, gen / g.decode_s
+
+
+def llamacpp_rows(python: str, ggufs: list[str], threads: list[int], prompt_tokens: int, gen: int,
+                  repeats: int) -> list[dict]:
+    """Decode/prefill tok/s of GGUFs in llama.cpp, in a child process (llama-cpp-python lives in its own venv)."""
+    code = r"""
+import json, statistics, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, threads, P, gen, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+llm = Llama(model_path=path, n_ctx=P + gen + 8, n_batch=P, n_threads=threads, n_threads_batch=threads, verbose=False)
+rng = np.random.default_rng(1234)
+prompt = [llm.token_bos()] + [int(t) for t in rng.integers(0, llm.n_vocab(), P - 1)]
+pre, dec = [], []
+for r in range(repeats + 1):
+    llm.reset(); t0 = time.perf_counter(); llm.eval(prompt); t1 = time.perf_counter()
+    tok = int(np.argmax(llm.scores[P - 1])); t2 = time.perf_counter()
+    for _ in range(gen):
+        llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t3 = time.perf_counter()
+    if r:
+        pre.append(P / (t1 - t0)); dec.append(gen / (t3 - t2))
+print(json.dumps({"prefill": statistics.median(pre), "decode": statistics.median(dec)}))
+"""
+    rows = []
+    for path in ggufs:
+        for t in threads:
+            out = subprocess.run([python, "-c", code, path, str(t), str(prompt_tokens), str(gen), str(repeats)],
+                                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            rows.append({"variant": f"llama.cpp {Path(path).stem.split('-')[-1]}", "threads": t,
+                         "prefill_tok_s": r["prefill"], "decode_tok_s": r["decode"],
+                         "weight_bytes": os.path.getsize(path)})
+    return rows
+
+
+def make_ggufs(model: str, out: Path, python: str) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    f32 = out / (Path(model).stem + "-F32.gguf")
+    if not f32.exists():
+        subprocess.run([python, str(SCRIPTS / "gguf-to-f32.py"), model, str(f32)], check=True)
+    prefix = str(out / Path(model).stem)
+    want = [f"{prefix}-{t}.gguf" for t in ("Q8_0", "Q4_0")]
+    if not all(Path(p).exists() for p in want):
+        subprocess.run([python, str(SCRIPTS / "llamacpp-quantize.py"), str(f32), prefix, "Q8_0", "Q4_0"], check=True)
+    return want
+
+
+def overhead(layers: int, gen: int = 128, repeats: int = 5) -> None:
+    """µs per token per layer of the decode loop on a Llama with 64-wide layers (the matmuls cost ~nothing)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.set_num_threads(1)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    lm = lmpress.wrap(model, tokenizer=None, name="overhead")
+    runner = NativeRunner(lm, max_len=256)
+    ids = torch.randint(0, 256, (1, 16))
+    res = {"transformers": [], "lmpress": []}
+    for _ in range(repeats):
+        res["transformers"].append(generate_greedy(model, ids, gen).decode_s)
+        res["lmpress"].append(generate_greedy_runtime(runner, ids, gen).decode_s)
+    for k, v in res.items():
+        us = statistics.median(v) / gen / layers * 1e6
+        print(f"{k:13s} {us:7.1f} µs/token/layer  ({statistics.median(v) / gen * 1e3:.2f} ms/token, {layers} layers, "
+              f"1 thread)")
+
+
+def speculative_row(base, draft_path: str, k: int, prompt_tokens: int, gen: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    draft_lm = lmpress.load(draft_path)
+    max_len = prompt_tokens + gen + k + 2
+    target, draft = Engine(base, max_len=max_len), Engine(draft_lm, max_len=max_len)
+    ids = bench_prompt(base, 1, prompt_tokens)[0].tolist()
+    p = SamplingParams(max_tokens=gen, ignore_eos=True)
+    alone = target.generate(ids, p)
+    spec = speculative_generate(target, draft, ids, p, k)
+    assert spec.token_ids == alone.token_ids, "speculative output differs from the target's greedy output"
+    return {"variant": f"fp32 + draft {draft_lm.name} k={k}", "threads": threads,
+            "decode_tok_s": spec.decode_tokens_per_s, "target_alone_tok_s": alone.decode_tokens_per_s,
+            "speedup": spec.decode_tokens_per_s / alone.decode_tokens_per_s,
+            "acceptance_rate": spec.stats["acceptance_rate"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default="transformers,fp32,w8,w4g128,w4g32")
+    ap.add_argument("--llamacpp", default="", help="comma-separated GGUFs to run in llama.cpp")
+    ap.add_argument("--llamacpp-python", default="/work/llvenv/bin/python")
+    ap.add_argument("--make-gguf", help="folder: make F32/Q8_0/Q4_0 GGUFs of MODEL there and run them")
+    ap.add_argument("--draft", help="draft model: adds a speculative-decoding row (greedy, checked identical)")
+    ap.add_argument("--draft-k", type=int, default=4)
+    ap.add_argument("--out", help="append the rows to this JSONL file")
+    ap.add_argument("--overhead", action="store_true")
+    ap.add_argument("--layers", type=int, default=30)
+    a = ap.parse_args()
+    if a.overhead:
+        overhead(a.layers)
+        return
+
+    threads = [int(t) for t in a.threads.split(",")]
+    base = lmpress.load(a.model)
+    names = a.variants.split(",")
+    variants = {n: make_variant(base, n) for n in names}
+    runners = {n: NativeRunner(lm, max_len=a.prompt_tokens + a.gen + 1) for n, lm in variants.items()
+               if n != "transformers"}
+    ids = bench_prompt(base, 1, a.prompt_tokens)
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        bw = copy_bandwidth(t)
+        runs: dict[str, list] = {n: [] for n in names}
+        for r in range(a.repeats + 1):  # round 0 warms up
+            for n in names:
+                res = one_run(n, variants[n], runners.get(n), ids, a.gen)
+                if r:
+                    runs[n].append(res)
+        for n in names:
+            wb = weight_bytes_per_token(variants[n].model)
+            dec = statistics.median(x[1] for x in runs[n])
+            rows.append({"variant": n if n == "transformers" else f"lmpress {n}", "threads": t,
+                         "prefill_tok_s": statistics.median(x[0] for x in runs[n]), "decode_tok_s": dec,
+                         "weight_bytes": wb, "copy_bw_gb_s": bw / 1e9, "roofline_fraction": dec * wb / bw})
+    ggufs = [g for g in a.llamacpp.split(",") if g]
+    if a.make_gguf:
+        ggufs += make_ggufs(a.model, Path(a.make_gguf), a.llamacpp_python)
+    if ggufs:
+        for row in llamacpp_rows(a.llamacpp_python, ggufs, threads, a.prompt_tokens, a.gen, a.repeats):
+            bw = copy_bandwidth(row["threads"])
+            rows.append({**row, "copy_bw_gb_s": bw / 1e9, "roofline_fraction": row["decode_tok_s"] *
+                         row["weight_bytes"] / bw})
+    if a.draft:
+        rows += [speculative_row(base, a.draft, a.draft_k, a.prompt_tokens, a.gen, t) for t in threads]
+
+    ref = {r["threads"]: r["decode_tok_s"] for r in rows if r["variant"] == "transformers"}
+    print(f"{Path(a.model).name}: prompt {a.prompt_tokens} tokens, {a.gen} new tokens greedy, median of "
+          f"{a.repeats} (round-robin)\n")
+    print("| variant | threads | prefill tok/s | decode tok/s | × transformers | MB/token | roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        x = r["decode_tok_s"] / ref[r["threads"]] if r["threads"] in ref else None
+        mb = r.get("weight_bytes")
+        print(f"| {r['variant']} | {r['threads']} | {r.get('prefill_tok_s', float('nan')):.1f} | "
+              f"{r['decode_tok_s']:.1f} | {'' if x is None else f'{x:.2f}×'} | "
+              f"{'' if mb is None else f'{mb / 1e6:.1f}'} | "
+              f"{'' if 'roofline_fraction' not in r else format(r['roofline_fraction'], '.0%')} |")
+    for r in rows:
+        if "acceptance_rate" in r:
+            print(f"\n{r['variant']} at {r['threads']} threads: acceptance {r['acceptance_rate']:.2f}, "
+                  f"{r['decode_tok_s']:.1f} vs {r['target_alone_tok_s']:.1f} tok/s alone ({r['speedup']:.2f}×)")
+    print(f"\ncommand: python {' '.join(sys.argv)}")
+    if a.out:
+        with open(a.out, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps({"model": a.model, **r}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
