@@ -27,6 +27,9 @@ Speed (one thread, AMD EPYC with AVX-512 VNNI, benchmarks running beside it; med
 nn.Linear): [1, 576]×[576→1536] 34 µs vs 77 µs (2.3×, as w8a8-dynamic's 35 µs); [128, 576] 0.98 ms vs
 3.7 ms (3.8×).
 
+Inputs of up to kernels.MAX_ROWS rows run on lmpress's native kernel (kernels.linear_w8a8, mode "static"), which
+computes what emulate_static_kernel writes out, bit for bit.
+
 Under a quantized engine whose packed weight lacks the op (torch.backends.quantized.engine = "onednn", tested),
 forward runs the plain-torch emulation instead: slow, and the same numbers. CPU only; float32 compute, other float
 inputs are cast and cast back.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..errors import BadInput
 from . import linear_weight
 from .int8_dynamic import Int8WeightLinear, _prepack, quantize_weight
@@ -138,6 +142,9 @@ class Int8StaticLinear(Int8WeightLinear):
         # x: [..., I] float32 → [..., O] float32 (the kernel flattens leading dimensions itself)
         if x.dtype is not torch.float32 or x.dim() < 2 or not x.is_cpu or x.shape[-1] != self.in_features:
             return self._forward_cast(x, self.forward)
+        if kernels.usable(x):  # lmpress's own kernel: the emulation's arithmetic, bit for bit (see int8_dynamic.py)
+            s, z = self.input_qparams()
+            return kernels.linear_w8a8(x, self.qweight, self.scales, self.bias, "static", s, z)
         packed, s, z, top = self._packed()
         try:
             return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x.clamp_max(top), s, z, packed)

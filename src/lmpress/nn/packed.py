@@ -11,8 +11,13 @@ columns in groups of 128), the last group is partial: the weight is padded with 
 for choosing scales and codes, and only the I real codes are stored. One class serves bits 2..8: the format
 name says the width ("packed-int4"), the manifest entry carries bits and group size.
 
-forward() is the reference path: dequantize the whole weight, then a float matmul. It saves memory on
-disk and at rest, not time; the native kernels of the runtime issue replace it.
+forward() runs the native kernels (lmpress.kernels) for bits 4 and 8 on CPU float32 inputs of up to
+kernels.MAX_ROWS rows (decode, small batches) when the group size spans whole blocks of 32 columns (or the whole
+row). Activations stay float32 by default, so the result is the reference's up to float summation order; a layer's
+`native_act = "q8"` rounds them to int8 per block of 32 for integer dot products (faster, llama.cpp's Q8_0
+arithmetic, no longer the reference's numbers).
+Everything else — other widths, prefill-sized inputs, grouping the kernels do not take, LMPRESS_KERNELS=0 —
+takes forward_reference(): dequantize the whole weight, then a float matmul.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..quant.primitives import QParams, dequantize, pack, packed_row_bytes, unpack
 
 
@@ -32,6 +38,8 @@ def pad_to_groups(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 class PackedLinear(torch.nn.Module):
     formats = tuple(f"packed-int{b}" for b in range(2, 9))
+    native_bits = (4, 8)  # widths with a native kernel
+    native_act = "f32"    # activations of the native kernel: "f32" or "q8" (see lmpress.kernels)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, bias: bool,
                  symmetric: bool = False):
@@ -80,6 +88,12 @@ class PackedLinear(torch.nn.Module):
         return dequantize(codes, self.qparams())[:, :self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits in self.native_bits and kernels.usable(x) and kernels.group_ok(self.group_size, self.in_features):
+            return kernels.linear_packed(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                         self.bias, act=self.native_act)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def lmpress_format(self) -> dict:

@@ -1,0 +1,169 @@
+"""Native CPU kernels for quantized linear layers, and the switches around them.
+
+The C++ library (csrc/, built at install by setup.py as the optional extension `lmpress.kernels._native`) computes
+y[M, O] = x[M, I]·Wᵀ + b reading lmpress's stored formats directly, from raw buffer addresses (it is not linked
+against libtorch), with the GIL released, on a small thread pool of its own:
+
+  linear_packed  PackedLinear "packed-int4" / "packed-int8": codes packed as quant.primitives.pack, fp16 scales and
+                 zeros [n_groups, O], symmetric or not. Groups must span whole blocks of 32 columns (group_size a
+                 multiple of 32) or the whole row (per channel); only the row's last group/block may be partial.
+  linear_int8    the int8 codes and fp32 per-channel scales of Int8WeightLinear, weight-only (fp32 activations)
+  linear_w8a8    the same storage with activations on one uint8 grid per call: the integer arithmetic of PyTorch's
+                 fbgemm quantized linear, which the w8a8 formats are defined by (nn/int8_dynamic.py)
+
+Activations (act=) for the weight-only kernels: "f32" multiplies the decoded codes with x in float32 (the reference
+numbers up to summation order), "q8" first rounds x to int8 per block of 32 columns (scale max|x|/127, as
+llama.cpp's Q8_0) and takes integer dot products (vpmaddubsw, or vpdpbusd with AVX512-VNNI), then differs from
+the reference by that rounding. reference.py holds a plain-torch twin of each kernel, used by the tests.
+
+Instruction paths, chosen at run time: "vnni" (AVX2 + AVX512-VNNI/VL on 256-bit registers), "avx2" (AVX2 + FMA +
+F16C) and "scalar" (portable C++, any CPU). Other widths (int2/3/5/6/7) have no native kernel: their layers keep
+the dequantize-then-matmul reference path, as do inputs with more than MAX_ROWS rows (prefill: a float matmul
+is compute-bound there and as fast), inputs that need gradients, and non-CPU or non-float32 inputs.
+
+Switches (for benchmarks and tests; nothing global is needed in normal use):
+  LMPRESS_KERNELS=0          never use the native kernels (the reference path everywhere); read at import
+                             into ENABLED, which tests may set directly
+  LMPRESS_KERNELS_ISA=scalar cap the instruction path (scalar, avx2 or vnni; ISA_CAP); or isa= per call
+  set_num_threads(n)         the kernels' threads (default: torch.get_num_threads() at each call)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+try:
+    from . import _native
+    _WHY = ""
+except ImportError as e:  # not built (no compiler at install, an unsupported platform): the reference path
+    _native, _WHY = None, str(e)
+
+ISAS = {"scalar": 0, "avx2": 1, "vnni": 2}
+ACTS = {"f32": 0, "q8": 1}
+BLOCK = 32      # columns per SIMD block (and per activation scale in "q8" mode)
+MAX_ROWS = 16   # inputs with more rows go to the reference path
+W8A8_MODES = {"dynamic": 0, "dynamic-per-token": 1, "static": 2}
+
+_threads: int | None = None
+_warned = False
+# the environment switches, read once (tests and benchmarks may assign these two directly)
+ENABLED = os.environ.get("LMPRESS_KERNELS", "1") != "0"
+ISA_CAP = os.environ.get("LMPRESS_KERNELS_ISA") or None
+
+
+def available() -> bool:
+    """True when the native library is loaded and not switched off by LMPRESS_KERNELS=0."""
+    global _warned
+    if _native is None:
+        if not _warned and ENABLED:
+            _warned = True
+            warnings.warn(f"lmpress: native kernels not available ({_WHY}); quantized layers use the slower torch "
+                          "reference path. Reinstall with a C++ compiler (pip install -e .) to build them.",
+                          RuntimeWarning, stacklevel=3)
+        return False
+    return ENABLED
+
+
+def isa() -> str:
+    """The instruction path the kernels take on this CPU (before any cap), or "none" without the library."""
+    if _native is None:
+        return "none"
+    return {v: k for k, v in ISAS.items()}[_native.isa()]
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads for the native kernels; None follows torch.get_num_threads()."""
+    global _threads
+    if n is not None and n < 1:
+        raise ValueError(f"threads must be at least 1; got {n}")
+    _threads = n
+
+
+def get_num_threads() -> int:
+    return _threads or torch.get_num_threads()
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether an input can take a native kernel: CPU float32, at most MAX_ROWS rows, no gradient needed."""
+    return (x.dtype is torch.float32 and x.is_cpu and x.numel() <= MAX_ROWS * x.shape[-1]
+            and not (x.requires_grad and torch.is_grad_enabled()) and available())
+
+
+def group_ok(group_size: int | None, in_features: int) -> bool:
+    """Whether the kernels take this grouping: whole blocks of 32 columns per group, or one group per row."""
+    return not group_size or group_size >= in_features or group_size % BLOCK == 0
+
+
+def _isa(isa: str | None) -> int:
+    name = isa or ISA_CAP
+    if not name:
+        return -1
+    if name not in ISAS:
+        raise ValueError(f"unknown instruction path {name!r}; choose from {', '.join(ISAS)}")
+    return ISAS[name]
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    if not t.is_contiguous():
+        raise ValueError(f"lmpress kernels need contiguous buffers; got one of shape {tuple(t.shape)}")
+    return t.data_ptr()
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if x.dtype is not torch.float32 or x.shape[-1] != in_features:
+        raise ValueError(f"expected float32 [..., {in_features}]; got {x.dtype} {list(x.shape)}")
+    return x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, in_features).contiguous()
+
+
+def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+
+
+def linear_packed(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                  group_size: int | None, bias: torch.Tensor | None = None, act: str = "f32",
+                  isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """x [..., I] float32 · PackedLinear weight (bits 4 or 8) → [..., O] float32.
+
+    qweight uint8 [O, packed_row_bytes(I, bits)], scales and zeros fp16 [n_groups, O], bias float32 [O] or None.
+    """
+    O, I = qweight.shape[0], x.shape[-1]
+    if bits not in (4, 8) or not group_ok(group_size, I) or scales.dtype != torch.float16 or zeros.dtype != torch.float16:
+        raise ValueError(f"no native kernel for bits={bits}, group_size={group_size}, in_features={I}, "
+                         f"scales {scales.dtype}, zeros {zeros.dtype}")
+    x2 = _rows(x, I)
+    y = torch.empty(x2.shape[0], O, dtype=torch.float32)
+    _native.linear(_ptr(x2), x2.shape[0], I, _ptr(qweight), qweight.shape[1], O, bits, 1, _ptr(scales),
+                   _ptr(zeros), 1, group_size or 0, _ptr(bias), _ptr(y), ACTS[act], _isa(isa),
+                   threads or get_num_threads())
+    return _shaped(y, x)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                act: str = "f32", isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """x [..., I] float32 · (int8 codes [O, I] × float32 scales [O]) → [..., O] float32, weight-only."""
+    O, I = qweight.shape
+    x2 = _rows(x, I)
+    y = torch.empty(x2.shape[0], O, dtype=torch.float32)
+    _native.linear(_ptr(x2), x2.shape[0], I, _ptr(qweight), I, O, 8, 0, _ptr(scales), 0, 0, 0, _ptr(bias), _ptr(y),
+                   ACTS[act], _isa(isa), threads or get_num_threads())
+    return _shaped(y, x)
+
+
+def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                mode: str = "dynamic", in_scale: float = 0.0, in_zero: int = 0, isa: str | None = None,
+                threads: int | None = None) -> torch.Tensor:
+    """fbgemm's quantized linear on Int8WeightLinear storage (int8 [O, I], float32 scales [O]): x rounded to one
+    uint8 grid 0..127 — chosen from the input's range ("dynamic"), from each row divided by its max |x|
+    ("dynamic-per-token", as Int8DynamicLinear does for several rows) or given ("static": in_scale, in_zero) —,
+    int32 dot products, y = fma(acc, x_scale·scale[o], bias[o])."""
+    O, I = qweight.shape
+    x2 = _rows(x, I)
+    y = torch.empty(x2.shape[0], O, dtype=torch.float32)
+    _native.w8a8(_ptr(x2), x2.shape[0], I, _ptr(qweight), O, _ptr(scales), _ptr(bias), _ptr(y), W8A8_MODES[mode],
+                 float(in_scale), int(in_zero), _isa(isa), threads or get_num_threads())
+    return _shaped(y, x)

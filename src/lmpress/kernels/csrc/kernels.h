@@ -1,0 +1,85 @@
+// lmpress native kernels: shared declarations.
+//
+// y[M, O] = x[M, I] · W[O, I]ᵀ + bias for quantized W, read in the stored layouts of lmpress.nn:
+//   int4  PackedLinear "packed-int4": codes uint8 [O, ceil(I/2)] (column 2j in the low nibble of byte j,
+//         2j+1 in the high one), scales and zeros fp16 [n_groups, O] (group-major), w = (code − zero)·scale
+//   int8  codes [O, I], either uint8 with fp16 zeros (PackedLinear "packed-int8") or int8 without zeros
+//         (Int8WeightLinear, symmetric), scales fp16 [n_groups, O] or fp32 [O]
+// Columns are walked in blocks of 32 (one AVX2 register of int8 codes). A group spans a whole number of blocks
+// (group % 32 == 0) or the whole row (one group); only the row's last block may be partial.
+//
+// The activations arrive prepared by module.cpp (once per call, shared by every row):
+//   ACT_F32   xf   float [M, nblk·32]  x itself, zero padded; for int4 permuted within each block so that the
+//                                       low nibbles (even columns) come first, then the high ones (odd columns)
+//   ACT_Q8    xq   int8  [M, nblk·32]  x / d[b] rounded, per block b of 32 columns, d[b] = max|x_b| / 127 (same
+//             xd   float [M, nblk]     permutation); the integer dot products then run in int32
+//   ACT_Q8T   xq, xd[m]                one scale per row and int32 over the whole row (the fbgemm-compatible
+//                                       W8A8 path of Int8WeightLinear; int8 weights only, no zeros)
+//   xsum  float [M, n_groups]  Σ of the (dequantized) activations of each group, for the zero-point term
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace lmp {
+
+enum Act { ACT_F32 = 0, ACT_Q8 = 1, ACT_Q8T = 2 };
+enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+constexpr int BLK = 32;
+
+struct Problem {
+    int64_t M, I, O;
+    int64_t group;      // columns per group (== I when there is one group)
+    int64_t ng, nblk;   // groups, blocks of 32 per (padded) row
+    int bits;           // 4 or 8
+    int act;            // Act
+    // weights
+    const uint8_t* w;   // [O, row_bytes]
+    int64_t row_bytes;
+    bool w_unsigned;    // int8 only: uint8 codes (zero-point 128 shifted into the zeros) vs int8
+    const void* scales; // [ng, O]
+    const void* zeros;  // [ng, O] or null (then 0)
+    bool sf16;          // scales/zeros fp16 (else fp32)
+    const float* bias;  // [O] or null
+    // prepared activations
+    const float* xf;    // ACT_F32: [M, nblk*32]
+    const int8_t* xq;   // ACT_Q8*: [M, nblk*32]
+    const float* xd;    // ACT_Q8: [M, nblk]; ACT_Q8T: [M]
+    const float* xsum;  // [M, ng]
+    float* y;           // [M, O]
+};
+
+// One call computes rows [o0, o1) of y for every m (threads split the rows).
+void rows_scalar(const Problem& p, int64_t o0, int64_t o1);
+#if defined(__x86_64__) || defined(__i386__)
+#define LMP_X86 1
+void rows_avx2(const Problem& p, int64_t o0, int64_t o1);
+void rows_vnni(const Problem& p, int64_t o0, int64_t o1);
+#endif
+
+// Position of column c (0..31) inside its prepared block: int4 splits even/odd columns.
+inline int perm4(int c) { return (c & 1) ? 16 + (c >> 1) : (c >> 1); }
+
+inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else {  // subnormal: normalise
+            int e = -1;
+            do { ++e; man <<= 1; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline float load_param(const void* base, bool f16, int64_t idx) {
+    return f16 ? half_to_float(static_cast<const uint16_t*>(base)[idx]) : static_cast<const float*>(base)[idx];
+}
+
+// Threads: run fn(ctx, begin, end) over [0, n) split in chunks, on up to `threads` threads (caller included).
+void parallel_for(int64_t n, int64_t chunk, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx);
+
+}  // namespace lmp

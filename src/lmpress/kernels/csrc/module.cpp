@@ -1,0 +1,237 @@
+// CPython glue for the lmpress kernels: raw buffer addresses in (no libtorch), the GIL released around the work.
+//
+//   isa() -> int                      best instruction path of this CPU: 0 scalar, 1 AVX2+FMA+F16C, 2 + AVX512-VNNI
+//   linear(...)                       weight-only int4/int8, activations fp32 or int8 per block of 32 (see kernels.h)
+//   w8a8(...)                         int8 weights × uint8 activations on one per-tensor grid, the arithmetic of
+//                                     PyTorch's fbgemm dynamic/static quantized linear (nn/int8_dynamic.py)
+// Argument checking (shapes, dtypes, contiguity) is the Python wrapper's job (lmpress/kernels/__init__.py).
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+
+namespace lmp {
+namespace {
+
+int detect_isa() {
+#ifdef LMP_X86
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return ISA_SCALAR;
+    // F16C comes with every AVX2 CPU made; VNNI on 256-bit registers needs AVX512VL as well
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+        return ISA_VNNI;
+    return ISA_AVX2;
+#else
+    return ISA_SCALAR;
+#endif
+}
+
+struct Work {
+    const Problem* p;
+    int isa;
+};
+
+void run_rows(void* ctx, int64_t o0, int64_t o1) {
+    const Work& w = *static_cast<const Work*>(ctx);
+#ifdef LMP_X86
+    if (w.isa == ISA_VNNI) return rows_vnni(*w.p, o0, o1);
+    if (w.isa == ISA_AVX2) return rows_avx2(*w.p, o0, o1);
+#endif
+    rows_scalar(*w.p, o0, o1);
+}
+
+void run(const Problem& p, int isa, int threads) {
+    Work w{&p, isa};
+    const int64_t chunk = std::max<int64_t>(8, (p.O + 4 * threads - 1) / (4 * threads));  // a few chunks per thread
+    parallel_for(p.O, chunk, threads, run_rows, &w);
+}
+
+// Scratch for the prepared activations, reused across calls of one Python thread.
+struct Scratch {
+    std::vector<float> xf, xd, xsum;
+    std::vector<int8_t> xq;
+};
+thread_local Scratch scratch;
+
+// x [M, I] → the prepared activations of kernels.h for weight-only layers.
+void prepare(Problem& p, const float* x) {
+    const int64_t P = p.nblk * BLK, gcols = p.ng == 1 ? p.I : p.group;
+    Scratch& s = scratch;
+    s.xsum.assign(p.M * p.ng, 0.f);
+    const bool perm = p.bits == 4;
+    auto at = [&](int64_t c) { return (c & ~int64_t(BLK - 1)) + (perm ? perm4(int(c & (BLK - 1))) : (c & (BLK - 1))); };
+    if (p.act == ACT_F32) {
+        s.xf.assign(p.M * P, 0.f);
+        for (int64_t m = 0; m < p.M; ++m)
+            for (int64_t c = 0; c < p.I; ++c) {
+                const float v = x[m * p.I + c];
+                s.xf[m * P + at(c)] = v;
+                s.xsum[m * p.ng + c / gcols] += v;
+            }
+        p.xf = s.xf.data();
+    } else {  // ACT_Q8: symmetric int8 per block of 32, d = max|x| / 127
+        s.xq.assign(p.M * P, 0);
+        s.xd.assign(p.M * p.nblk, 0.f);
+        for (int64_t m = 0; m < p.M; ++m)
+            for (int64_t b = 0; b < p.nblk; ++b) {
+                const int64_t c0 = b * BLK, c1 = std::min(c0 + BLK, p.I);
+                float amax = 0.f;
+                for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(x[m * p.I + c]));
+                const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+                int32_t qs = 0;
+                for (int64_t c = c0; c < c1; ++c) {
+                    const int q = static_cast<int>(std::nearbyintf(x[m * p.I + c] * id));
+                    s.xq[m * P + at(c)] = static_cast<int8_t>(q);
+                    qs += q;
+                }
+                s.xd[m * p.nblk + b] = d;
+                s.xsum[m * p.ng + c0 / gcols] += d * static_cast<float>(qs);
+            }
+        p.xq = s.xq.data();
+        p.xd = s.xd.data();
+    }
+    p.xsum = s.xsum.data();
+}
+
+// ATen's quant_utils::ChooseQuantizationParams(min, max, 0, qmax, preserve_sparsity=false, pow2=false), as
+// transcribed in nn/int8_dynamic.py kernel_qparams: double arithmetic, float32 roundings where ATen has them.
+void choose_qparams(double x_min, double x_max, double qmax, float& scale_out, int& zp_out) {
+    const double qmin = 0.0;
+    double lo = std::min(x_min, 0.0), hi = std::max(x_max, 0.0);
+    double scale = (hi - lo) / (qmax - qmin);
+    if (static_cast<float>(scale) == 0.f || std::isinf(static_cast<float>(1.0 / static_cast<float>(scale)))) scale = 0.1;
+    const double small = static_cast<float>(6.1e-5);
+    if (scale < small) {
+        const double org = scale;
+        scale = small;
+        if (lo == 0.0) hi = static_cast<float>(small * (qmax - qmin));
+        else if (hi == 0.0) lo = static_cast<float>(-small * (qmax - qmin));
+        else {
+            const double amp = static_cast<float>(small / static_cast<float>(org));
+            lo = static_cast<float>(lo * amp);
+            hi = static_cast<float>(hi * amp);
+        }
+    }
+    const double zp_min = qmin - lo / scale, zp_max = qmax - hi / scale;
+    const double err_min = std::fabs(qmin) - std::fabs(lo / scale), err_max = std::fabs(qmax) - std::fabs(hi / scale);
+    const double zp0 = err_min < err_max ? zp_min : zp_max;
+    zp_out = zp0 < qmin ? int(qmin) : zp0 > qmax ? int(qmax) : int(std::nearbyint(zp0));
+    scale_out = static_cast<float>(scale);
+}
+
+template <typename T>
+T* ptr(unsigned long long v) { return reinterpret_cast<T*>(static_cast<uintptr_t>(v)); }
+
+int clamp_isa(int want) {
+    static const int best = detect_isa();
+    return want < 0 || want > best ? best : want;
+}
+
+PyObject* py_isa(PyObject*, PyObject*) { return PyLong_FromLong(clamp_isa(-1)); }
+
+PyObject* py_linear(PyObject*, PyObject* args) {
+    unsigned long long x, w, scales, zeros, bias, y;
+    long long M, I, O, row_bytes, group;
+    int bits, w_unsigned, sf16, act, isa, threads;
+    if (!PyArg_ParseTuple(args, "KLLKLLiiKKiLKKiii", &x, &M, &I, &w, &row_bytes, &O, &bits, &w_unsigned, &scales,
+                          &zeros, &sf16, &group, &bias, &y, &act, &isa, &threads))
+        return nullptr;
+    Problem p{};
+    p.M = M, p.I = I, p.O = O, p.bits = bits, p.act = act;
+    p.ng = group > 0 && group < I ? (I + group - 1) / group : 1;
+    p.group = p.ng == 1 ? I : group;
+    p.nblk = (I + BLK - 1) / BLK;
+    p.w = ptr<const uint8_t>(w), p.row_bytes = row_bytes, p.w_unsigned = w_unsigned != 0;
+    p.scales = ptr<const void>(scales), p.zeros = zeros ? ptr<const void>(zeros) : nullptr, p.sf16 = sf16 != 0;
+    p.bias = bias ? ptr<const float>(bias) : nullptr, p.y = ptr<float>(y);
+    if ((bits != 4 && bits != 8) || (act != ACT_F32 && act != ACT_Q8) || (p.ng > 1 && p.group % BLK)) {
+        PyErr_SetString(PyExc_ValueError, "lmpress kernels: unsupported bits, activation mode or group size");
+        return nullptr;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    prepare(p, ptr<const float>(x));
+    run(p, clamp_isa(isa), std::max(threads, 1));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+// mode 0: dynamic, one grid for the whole input; 1: dynamic per token (each row divided by its max |x| first,
+// the output scaled back: nn/int8_dynamic.py's wrapper); 2: static grid (in_scale, in_zero) given.
+PyObject* py_w8a8(PyObject*, PyObject* args) {
+    unsigned long long x, w, scales, bias, y;
+    long long M, I, O;
+    int mode, in_zero, isa, threads;
+    double in_scale;
+    if (!PyArg_ParseTuple(args, "KLLKLKKKidiii", &x, &M, &I, &w, &O, &scales, &bias, &y, &mode, &in_scale, &in_zero,
+                          &isa, &threads))
+        return nullptr;
+    Problem p{};
+    p.M = M, p.I = I, p.O = O, p.bits = 8, p.act = ACT_Q8T, p.ng = 1, p.group = I, p.nblk = (I + BLK - 1) / BLK;
+    p.w = ptr<const uint8_t>(w), p.row_bytes = I, p.w_unsigned = false;
+    p.scales = ptr<const void>(scales), p.sf16 = false;
+    p.bias = bias ? ptr<const float>(bias) : nullptr, p.y = ptr<float>(y);
+    const float* xin = ptr<const float>(x);
+    Py_BEGIN_ALLOW_THREADS
+    Scratch& s = scratch;
+    const int64_t P = p.nblk * BLK;
+    std::vector<float> r;  // per-token divisors (mode 1)
+    const float* xs = xin;
+    if (mode == 1) {
+        r.assign(M, 0.f);
+        s.xf.resize(M * I);
+        for (int64_t m = 0; m < M; ++m) {
+            float a = 0.f;
+            for (int64_t c = 0; c < I; ++c) a = std::max(a, std::fabs(xin[m * I + c]));
+            r[m] = std::max(a, 1e-30f);
+            for (int64_t c = 0; c < I; ++c) s.xf[m * I + c] = xin[m * I + c] / r[m];
+        }
+        xs = s.xf.data();
+    }
+    float scale;
+    int zp;
+    if (mode == 2) scale = static_cast<float>(in_scale), zp = in_zero;
+    else {
+        float lo = M > 0 && I > 0 ? xs[0] : 0.f, hi = lo;
+        for (int64_t i = 0; i < M * I; ++i) lo = std::min(lo, xs[i]), hi = std::max(hi, xs[i]);
+        choose_qparams(lo, hi, 127.0, scale, zp);
+    }
+    // quantize as fbgemm: fma(x, 1/scale, zp) in float32, ties to even, saturate; the kernel takes code − zp
+    const double inv = 1.0f / scale;
+    const int top = mode == 2 ? 127 : 255;
+    s.xq.assign(M * P, 0);
+    s.xd.assign(M, scale);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < I; ++c) {
+            const float t = static_cast<float>(static_cast<double>(xs[m * I + c]) * inv + zp);
+            const int q = std::min(std::max(static_cast<int>(std::nearbyintf(t)), 0), top) - zp;
+            s.xq[m * P + c] = static_cast<int8_t>(std::min(std::max(q, -128), 127));
+        }
+    p.xq = s.xq.data(), p.xd = s.xd.data();
+    run(p, clamp_isa(isa), std::max(threads, 1));
+    if (mode == 1)  // y = W·(x/r) + b → (y − b)·r + b, float32 steps as the Python wrapper
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t o = 0; o < O; ++o) {
+                const float b = p.bias ? p.bias[o] : 0.f;
+                float& v = p.y[m * O + o];
+                v = p.bias ? (v - b) * r[m] + b : v * r[m];
+            }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"isa", py_isa, METH_NOARGS, "best instruction path: 0 scalar, 1 AVX2, 2 AVX2 + AVX512-VNNI"},
+    {"linear", py_linear, METH_VARARGS, "weight-only int4/int8 linear on raw buffers (see lmpress.kernels)"},
+    {"w8a8", py_w8a8, METH_VARARGS, "fbgemm-compatible int8 linear on raw buffers (see lmpress.kernels)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "lmpress native kernels", -1, methods};
+
+}  // namespace
+}  // namespace lmp
+
+PyMODINIT_FUNC PyInit__native() { return PyModule_Create(&lmp::module); }
