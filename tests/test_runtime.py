@@ -186,6 +186,7 @@ def test_stop_strings_and_streaming(stories):
     pieces = list(s)
     assert "".join(pieces) == s.completion.text == full[:full.index("Lily")]
     assert s.completion.finish_reason == "stop" and len(pieces) > 3
+    assert lmpress.generate(stories, "Once upon a time", max_tokens=40, stop=("Lily",)).text == s.completion.text
 
 
 def test_text_stream_holds_back_partial_stops(tokenizer):

@@ -7,6 +7,7 @@ Public API:
     save(lm, out, recipe=None) -> Path        safetensors + config + tokenizer + manifest, atomically
     evaluate(lm, base=None, ...) -> dict      what `lmpress eval` reports
     perplexity, kl_divergence, zero_shot, bench   the evaluators one by one
+    generate(lm, prompt, max_tokens=128, ...)  text generation (lmpress.runtime: engine, batching, speculative)
 """
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ from .eval.perplexity import perplexity  # noqa: E402
 from .eval.tasks import zero_shot  # noqa: E402
 from .models import LoadedModel, load, wrap  # noqa: E402
 from .models.io import save  # noqa: E402
+from .runtime import generate  # noqa: E402
 
-__all__ = ["LmpressError", "LoadedModel", "bench", "compress", "evaluate", "kl_divergence", "load", "perplexity", "save",
-           "wrap", "zero_shot", "__version__"]
+__all__ = ["LmpressError", "LoadedModel", "bench", "compress", "evaluate", "generate", "kl_divergence", "load",
+           "perplexity", "save", "wrap", "zero_shot", "__version__"]

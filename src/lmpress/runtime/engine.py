@@ -92,7 +92,7 @@ class Sequence:
             else None
 
     def sample(self, logits: torch.Tensor) -> int:
-        return pick_token(logits, self.params, self.generator, self.seen)
+        return pick_token(logits.cpu(), self.params, self.generator, self.seen)  # sampling state lives on the CPU
 
     def accept(self, token: int) -> Event:
         """Record a sampled token; decide whether the sequence ends here."""
@@ -288,3 +288,18 @@ def _eos_ids(lm) -> set[int]:
             if isinstance(t, int):
                 ids.add(t)
     return ids
+
+
+def generate(lm, prompt, max_tokens: int = 128, draft=None, draft_k: int = 4, **sampling) -> Completion:
+    """One-call generation: `lmpress.generate(lm, "Once upon a time", max_tokens=32, temperature=0.7)`.
+    prompt: text or token ids; draft: a LoadedModel of the same family for speculative decoding; sampling:
+    the other SamplingParams fields. Builds an engine sized for this request (use Engine to reuse one)."""
+    params = SamplingParams(max_tokens=max_tokens, **sampling)
+    n = len(lm.tokenizer(prompt).input_ids) if isinstance(prompt, str) else len(prompt)
+    max_len = n + max_tokens + draft_k + 1
+    engine = Engine(lm, max_len=max_len)
+    if draft is None:
+        return engine.generate(prompt, params)
+    from .speculative import speculative_generate
+
+    return speculative_generate(engine, Engine(draft, max_len=max_len), prompt, params, draft_k)

@@ -1,7 +1,7 @@
 """Speculative decoding: a draft model proposes k tokens, the target checks them in one pass.
 
 Each round, with the target's cache holding n tokens and `last` the newest token (not cached yet):
-  1. the draft feeds whatever it has not seen yet, then proposes d1..dk greedily (k one-token steps);
+  1. the draft feeds whatever it has not seen yet, then proposes d1..dk (k one-token steps);
   2. the target runs [last, d1..dk] at positions n..n+k in ONE forward pass → its own choice g0..gk after
      each prefix;
   3. accept d1..da while d_i == g_{i-1}, then take g_a (the target's token where they first differ, or a
@@ -11,9 +11,10 @@ the target's greedy output. With sampling parameters (temperature > 0) step 3 is
 (Leviathan et al. 2023; Chen et al. 2023): d_i drawn from the draft's distribution q is kept with
 probability min(1, p(d_i)/q(d_i)), p the target's; at the first rejection the token is drawn from
 max(p − q, 0) renormalized; after k acceptances the bonus token from p. Each output token is then distributed
-exactly as sampling the target alone would draw it (not the same draws: the random stream differs). Rolling back is free: both caches are positional, and a row's valid length is
-kept here (target: n + a + 1; draft: what it fed that is still on the accepted path); the next call
-overwrites the rest.
+exactly as sampling the target alone would draw it (not the same draws: the random stream differs).
+
+Rolling back is free: both caches are positional, and a row's valid length is kept here (target: n + a + 1;
+draft: what it fed that is still on the accepted path); the next call overwrites the rest.
 """
 
 from __future__ import annotations
@@ -96,16 +97,16 @@ def speculative_events(target: Engine, draft: Engine, prompt, params: SamplingPa
         qs: list = []
         if kk:
             pending = history[draft_len:]
-            d, q = propose(D.prefill(torch.tensor([pending]), start=draft_len)[0])
+            d, q = propose(D.prefill(torch.tensor([pending]), start=draft_len)[0].cpu())
             draft_len = len(history)
             proposals.append(d)
             qs.append(q)
             for _ in range(kk - 1):
-                d, q = propose(D.decode(torch.tensor([d]), draft_len)[0])
+                d, q = propose(D.decode(torch.tensor([d]), draft_len)[0].cpu())
                 draft_len += 1
                 proposals.append(d)
                 qs.append(q)
-        logits = T.prefill(torch.tensor([[history[-1], *proposals]]), start=n, all_logits=True)[0]  # [kk+1, V]
+        logits = T.prefill(torch.tensor([[history[-1], *proposals]]), start=n, all_logits=True)[0].cpu()  # [kk+1, V]
         stats["target_passes"] += 1
         for i in range(kk + 1):
             tok = verify(logits[i], *((proposals[i], qs[i]) if i < kk else (None, None)))
