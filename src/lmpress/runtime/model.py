@@ -14,16 +14,19 @@ by the next call (speculative decoding relies on this).
 NativeRunner is lmpress's own forward pass for the Llama family (Llama, Qwen2 — q/k/v biases —, Mistral
 without a sliding window): RMSNorm, RoPE from the model's own rotary module (default, linear, llama3, yarn
 scaling: every rope whose frequencies do not depend on the sequence length), GQA attention with
-F.scaled_dot_product_attention, SwiGLU. Every projection is a call of the model's own module (`mod(x)`), so
-quantized lmpress formats — and the native kernels behind them — run unchanged. The per-token Python cost
-is a few dozen torch calls per layer; `benchmarks/runtime.py --overhead` measures it on a model so small
-that the matmuls cost nothing.
+F.scaled_dot_product_attention, SwiGLU. Every projection runs the model's own module, so quantized lmpress
+formats — and the native kernels behind them — run unchanged (their forward is called directly, without
+nn.Module hooks; build the runner after compressing: it keeps references to the modules). The per-token
+Python cost is a few dozen torch calls per layer; `benchmarks/runtime.py --overhead` measures it on a model so
+small that the matmuls cost nothing.
 
 HFRunner is the reference path for every other family: transformers' own forward with one DynamicCache
 per row (rows decode one after another: correct, not fast).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +83,15 @@ def _device_dtype(lm):
     return w.device, (w.dtype if w.dtype.is_floating_point else torch.float32)
 
 
+def projection(mod: torch.nn.Module):
+    """The callable the decode loop uses for a linear layer: F.linear bound to a float nn.Linear's tensors,
+    else the module's own forward (an lmpress format, with whatever kernel it picks). Both skip
+    nn.Module.__call__'s hook machinery, a few µs per call that add up over 7 projections × every layer."""
+    if type(mod) is torch.nn.Linear:
+        return partial(F.linear, weight=mod.weight, bias=mod.bias)
+    return mod.forward
+
+
 class _Layer:
     """One block's pieces, looked up once through the ArchSpec (plain attributes: no per-call lookups)."""
 
@@ -88,8 +100,8 @@ class _Layer:
     def __init__(self, spec, block):
         self.attn_norm = spec.get(block, spec.attn_norm).weight
         self.mlp_norm = spec.get(block, spec.mlp_norm).weight
-        self.q, self.k, self.v, self.o = (spec.get(block, p) for p in (spec.q, spec.k, spec.v, spec.o))
-        self.gate, self.up, self.down = (spec.get(block, p) for p in (spec.gate, spec.up, spec.down))
+        self.q, self.k, self.v, self.o = (projection(spec.get(block, p)) for p in (spec.q, spec.k, spec.v, spec.o))
+        self.gate, self.up, self.down = (projection(spec.get(block, p)) for p in (spec.gate, spec.up, spec.down))
 
 
 class NativeRunner:
@@ -111,7 +123,7 @@ class NativeRunner:
         self.scale = self.head_dim ** -0.5
         self.embed = spec.get(model, spec.embed)
         self.final_norm = spec.get(model, spec.final_norm).weight
-        self.lm_head = spec.get(model, spec.lm_head)
+        self.lm_head = projection(spec.get(model, spec.lm_head))
         self.layers = [_Layer(spec, b) for b in spec.block_list(model)]
 
         # RoPE tables [max_len, head_dim] in the rotate-half layout: out = x·cos + roll(x, half)·sin_signed,
