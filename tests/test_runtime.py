@@ -291,3 +291,17 @@ def test_real_models_greedy_equals_reference(path):
         logits = reference_logits(lm, torch.tensor([ids[0].tolist() + ref[:i]]))[0, -1]
         top2 = logits.topk(2).values
         assert top2[0] - top2[1] < 1e-3, f"token {i} differs and is no tie ({top2.tolist()})"
+
+
+def test_bench_through_the_runtime(stories, tokenizer):
+    from lmpress.eval import bench as B
+    from lmpress.runtime import make_runner
+
+    ids = B.bench_prompt(stories, 2, 8)
+    runner, _ = make_runner(stories, max_batch=2, max_len=32)
+    fast = B.generate_greedy_runtime(runner, ids, 6)
+    assert torch.equal(fast.tokens, B.generate_greedy(stories.model, ids, 6).tokens)
+    small = dict(threads=1, batch=2, prompt_tokens=8, gen_tokens=4, repeats=1, warmup=0)
+    assert B.bench(stories, **small)["engine"] == "lmpress"
+    assert B.bench(stories, **small, engine="transformers")["engine"] == "transformers"
+    assert B.bench(tiny_model("gpt2", tokenizer), **small)["engine"] == "transformers"  # no native forward
