@@ -3,10 +3,15 @@ runtime (fp32, W8, W4 g128, W4 g32) and llama.cpp (Q8_0, Q4_0 of the same weight
 greedy, 128 new tokens; each decode figure also as a fraction of the memory-bandwidth roofline.
 
 usage: python benchmarks/runtime.py [MODEL] [--threads 1,2] [--gen 128] [--prompt-tokens 64] [--repeats 3]
-           [--variants transformers,fp32,w8,w4g128,w4g32] [--llamacpp Q8_0.gguf,Q4_0.gguf]
+           [--variants transformers,fp32,w8,w4g128,w4g32[,w8a8,w8+h8,w4g128+h8,w4g32+h8]]
+           [--llamacpp Q8_0.gguf,Q4_0.gguf]
            [--llamacpp-python /work/llvenv/bin/python] [--make-gguf DIR] [--draft MODEL --draft-k 4]
            [--out FILE.jsonl]
        python benchmarks/runtime.py --overhead [--layers 30]    per-token Python cost of the decode loop
+
+Variants: lmpress recipes by name (RECIPES below; "+h8" also quantizes the output head to int8, as llama.cpp's
+Q4_0/Q8_0 files store theirs quantized — without it the fp32 head of a tied-embedding model is most of a W4
+model's bytes per token).
 
 Method. Variants are measured round-robin (variant A, B, C, then A, B, C again, `--repeats` rounds after one
 warm-up round) and the medians reported, so background load hits every column alike. One round of one variant
@@ -40,8 +45,10 @@ from lmpress.eval.bench import bench_prompt, generate_greedy, generate_greedy_ru
 from lmpress.recipe import RTN, W8A8Dynamic
 from lmpress.runtime import Engine, NativeRunner, SamplingParams, speculative_generate
 
+HEAD8 = RTN(8, None, symmetric=True, targets="lm_head", ignore=None)  # the output head too (llama.cpp quantizes it)
 RECIPES = {"fp32": [], "w8": [RTN(8, None, symmetric=True)], "w8a8": [W8A8Dynamic()], "w4g128": [RTN(4, 128)],
-           "w4g32": [RTN(4, 32)]}
+           "w4g32": [RTN(4, 32)], "w8+h8": [RTN(8, None, symmetric=True), HEAD8],
+           "w4g128+h8": [RTN(4, 128), HEAD8], "w4g32+h8": [RTN(4, 32), HEAD8]}
 SCRIPTS = Path(__file__).resolve().parents[2] / "shared" / "scripts"
 DEFAULT_MODEL = "/work/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
