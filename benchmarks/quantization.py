@@ -54,6 +54,9 @@ def speed(base, name, steps, a):
     return row
 
 
+BASE_LOGPROBS: list = []  # the base's log-probabilities on the evaluation windows, computed once per run
+
+
 def steps_for(name):
     from lmpress.recipe import load_recipe
 
@@ -93,7 +96,7 @@ def measure(base, name, steps, text, a):
         with tempfile.TemporaryDirectory() as tmp:
             out = lmpress.save(lm, Path(tmp) / "m")
             size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    q = lmpress.kl_divergence(lm, base, text, ctx=a.ctx, windows=a.windows, progress=True)
+    q = lmpress.kl_divergence(lm, base, text, ctx=a.ctx, windows=a.windows, progress=True, base_cache=BASE_LOGPROBS)
     tasks = lmpress.zero_shot(lm, a.tasks.split(","), limit=a.limit, data_dir=a.data_dir, progress=True)
     b = {"decode_tokens_per_s": float("nan")} if a.no_bench else \
         lmpress.bench(lm, threads=a.threads, prompt_tokens=64, gen_tokens=32, repeats=3)

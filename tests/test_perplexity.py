@@ -111,6 +111,21 @@ def test_kld_matches_reference(tokenizer, stories_text):
     assert got["tokens"] == n
     assert got["kld"] == pytest.approx(kl / n, rel=1e-4)
     assert got["top1_agreement"] == pytest.approx(agree / n)
+    cache = []  # the base's log-probabilities kept once, then used instead of running the base
+    first = kl_divergence(a, b, stories_text, ctx=ctx, batch_tokens=64, base_cache=cache)
+    assert len(cache) == got["windows"] and first == {**got, "seconds": first["seconds"]}
+
+    class Refuses(torch.nn.Module):
+        config = b.model.config
+
+        def forward(self, *a, **k):
+            raise AssertionError("the base ran although its log-probabilities were cached")
+
+    c = tiny_model("llama", tokenizer, seed=3)
+    cached = kl_divergence(c, lmpress.wrap(Refuses(), tokenizer), stories_text, ctx=ctx, batch_tokens=64,
+                           base_cache=cache)
+    direct = kl_divergence(c, b, stories_text, ctx=ctx, batch_tokens=64)
+    assert cached == {**direct, "seconds": cached["seconds"]}
 
 
 def test_kld_refuses_other_tokenizer(stories, stories_text, tokenizer):

@@ -19,18 +19,34 @@ from .perplexity import make_windows, nll_stats
 from .scoring import window_logprobs
 
 
+def _keeping(it, into: list):
+    for item in it:
+        into.append(item)
+        yield item
+
+
 def kl_divergence(lm, base, text: str, ctx: int = 512, protocol: str = "llamacpp", stride: int | None = None,
-                  windows: int | None = None, batch_tokens: int = 2048, progress: bool = False) -> dict:
+                  windows: int | None = None, batch_tokens: int = 2048, progress: bool = False,
+                  base_cache: list | None = None) -> dict:
     """Keys: kld, kld_stderr, kld_median, kld_p99, kld_max, top1_agreement, perplexity (of lm),
-    base_perplexity, tokens, windows, ctx, protocol, seconds."""
+    base_perplexity, tokens, windows, ctx, protocol, seconds.
+
+    base_cache: for comparing several models to one base on the same windows (a benchmark table): an empty
+    list is filled with the base's log-probabilities (all of them: windows × scored positions × vocabulary
+    floats, e.g. 2 GB for 40 windows of SmolLM2 at ctx 512), a filled one is used instead of running the base.
+    The caller keeps it tied to the same base, text and windows."""
     check_same_tokenizer(base, lm)
     ids = tokenize(lm.tokenizer, text)
     wins = make_windows(lm, ids, ctx, protocol, stride, windows)
     total = sum(len(w.ids) for w in wins)
     klds, agree, nll, base_nll = [], [], [], []
     t0 = time.perf_counter()
-    with progress_bar(2 * total, f"kld {lm.name} vs {base.name}", progress) as bar:
-        pairs = zip(window_logprobs(lm.model, wins, batch_tokens, bar), window_logprobs(base.model, wins, batch_tokens, bar))
+    cached = base_cache is not None and len(base_cache) > 0
+    with progress_bar(total if cached else 2 * total, f"kld {lm.name} vs {base.name}", progress) as bar:
+        base_lps = iter(base_cache) if cached else window_logprobs(base.model, wins, batch_tokens, bar)
+        if base_cache is not None and not cached:
+            base_lps = _keeping(base_lps, base_cache)
+        pairs = zip(window_logprobs(lm.model, wins, batch_tokens, bar), base_lps)
         for (lp, tgt), (blp, _) in pairs:
             klds.append((blp.exp() * (blp - lp)).sum(-1).double().clamp_min(0))
             agree.append(lp.argmax(-1) == blp.argmax(-1))
