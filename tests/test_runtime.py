@@ -112,6 +112,7 @@ def test_cancel_frees_the_row(stories):
     a = sched.add_request("Once", SamplingParams(max_tokens=30, ignore_eos=True))
     b = sched.add_request("Lily", SamplingParams(max_tokens=8, ignore_eos=True))
     sched.step()
+    assert sched.counts() == {"active": 2, "waiting": 0, "max_batch": 2}
     sched.cancel(a)
     out = {}
     while sched.has_work():

@@ -13,6 +13,7 @@ Continuous batching (what a server drives, from one worker thread):
         for ev in sched.step():                      # every active sequence advances by one token
             ev.request_id, ev.text, ev.finished, ev.completion   # completion set on the final event
     sched.cancel(rid)                                # thread-safe; the request ends with finish_reason "cancelled"
+    sched.counts()                                   # {"active", "waiting", "max_batch"}
 
 Each active request owns one row of the runner's KV cache; rows are kept packed at the front (a finished
 row is replaced by the last one), so a decode step is one forward pass over rows 0..n-1 with per-row
@@ -152,6 +153,11 @@ class Scheduler:
     def has_work(self) -> bool:
         with self._lock:
             return bool(self.active or self._waiting)
+
+    def counts(self) -> dict:
+        """{"active", "waiting", "max_batch"}: for a server's health or load reporting."""
+        with self._lock:
+            return {"active": len(self.active), "waiting": len(self._waiting), "max_batch": self.max_batch}
 
     def step(self) -> list[Event]:
         events: list[Event] = []
