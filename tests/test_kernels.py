@@ -1,0 +1,189 @@
+"""Native kernels (lmpress.kernels) against their torch twins (kernels/reference.py), and the modules that use them.
+
+Tolerances: the weight-only kernels ("f32" and "q8" activations) compute in float32 what the twins compute in
+float64 from the same codes and the same rounded activations, so they differ by float32 summation only:
+max |y − ref| ≤ 2e-5 · max |ref| (observed ≤ 1e-6 relative). The w8a8 kernel is exact integer arithmetic with the
+float32 steps of fbgemm, so it equals its twin bit for bit.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from lmpress import kernels
+from lmpress.compress import compress
+from lmpress.kernels import reference as ref
+from lmpress.nn.int8_dynamic import Int8DynamicLinear, quantize_weight
+from lmpress.nn.packed import PackedLinear
+from lmpress.quant.primitives import pack
+from lmpress.recipe import RTN
+
+pytestmark = pytest.mark.skipif(kernels.isa() == "none", reason="native kernels not built")
+
+ISAS = sorted({"scalar", kernels.isa(), "avx2" if kernels.isa() == "vnni" else "scalar"})
+REL = 2e-5
+# (out, in, group): a partial last group (576/128, 40/32), one group per row with a partial block (100, 31),
+# odd output counts, group 64 (two blocks per group)
+SHAPES = [(37, 576, 128), (33, 100, None), (5, 40, 32), (64, 576, 64), (3, 31, None)]
+
+
+def packed(out_f, in_f, bits, group, symmetric, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ng = -(-in_f // group) if group else 1
+    codes = torch.randint(1 if symmetric else 0, 2**bits, (out_f, in_f), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(ng, out_f, generator=g) * 0.02 + 1e-3).half()
+    zeros = (torch.full((ng, out_f), 2.0 ** (bits - 1)) if symmetric
+             else torch.randint(-2, 2**bits + 2, (ng, out_f), generator=g).float()).half()
+    return pack(codes, bits), scales, zeros
+
+
+def close(y, r):
+    assert y.shape == r.shape and y.dtype == torch.float32
+    assert (y - r).abs().max() <= REL * r.abs().max(), float((y - r).abs().max() / r.abs().max())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_matches_reference(shape, bits, symmetric):
+    out_f, in_f, group = shape
+    qw, scales, zeros = packed(out_f, in_f, bits, group, symmetric)
+    bias = torch.randn(out_f)
+    for m in (1, 2, 3, 5, 16):
+        x = torch.randn(m, in_f)
+        for act in ("f32", "q8"):
+            r = ref.linear_packed(x, qw, scales, zeros, bits, group, bias, act)
+            for isa in ISAS:
+                close(kernels.linear_packed(x, qw, scales, zeros, bits, group, bias, act, isa=isa, threads=1), r)
+    # no bias, leading dimensions kept
+    x = torch.randn(2, 3, in_f)
+    close(kernels.linear_packed(x, qw, scales, zeros, bits, group, None), ref.linear_packed(x, qw, scales, zeros,
+                                                                                            bits, group))
+
+
+@pytest.mark.parametrize("shape", [(37, 576), (8, 33), (5, 64)])
+def test_int8_weight_only_and_w8a8(shape):
+    out_f, in_f = shape
+    torch.manual_seed(0)
+    qw, s = quantize_weight(torch.randn(out_f, in_f))
+    bias = torch.randn(out_f)
+    for m in (1, 3, 16):
+        x = torch.randn(m, in_f) * 3
+        for isa in ISAS:
+            for act in ("f32", "q8"):
+                close(kernels.linear_int8(x, qw, s, bias, act, isa=isa), ref.linear_int8(x, qw, s, bias, act))
+            for mode in ("dynamic", "dynamic-per-token", "static"):
+                for b in (bias, None):
+                    y = kernels.linear_w8a8(x, qw, s, b, mode, 0.05, 60, isa=isa)
+                    assert torch.equal(y, ref.linear_w8a8(x, qw, s, b, mode, 0.05, 60)), (m, isa, mode)
+
+
+def test_degenerate_activations():
+    # all-zero rows (q8 block scale 0, w8a8 range 0) and a huge outlier stay finite and match the twins
+    qw, scales, zeros = packed(16, 96, 4, 32, False)
+    x = torch.zeros(3, 96)
+    x[1, 5] = 1e6
+    for act in ("f32", "q8"):
+        close(kernels.linear_packed(x, qw, scales, zeros, 4, 32, None, act),
+              ref.linear_packed(x, qw, scales, zeros, 4, 32, None, act))
+    q8, s = quantize_weight(torch.randn(16, 96))
+    for mode in ("dynamic", "dynamic-per-token"):
+        assert torch.equal(kernels.linear_w8a8(x, q8, s, None, mode), ref.linear_w8a8(x, q8, s, None, mode))
+
+
+def test_threads_give_the_same_numbers():
+    qw, scales, zeros = packed(1001, 256, 4, 64, False)
+    q8, s = quantize_weight(torch.randn(1001, 256))
+    x = torch.randn(5, 256)
+    for isa in ISAS:
+        for act in ("f32", "q8"):
+            one = kernels.linear_packed(x, qw, scales, zeros, 4, 64, None, act, isa=isa, threads=1)
+            for t in (2, 3):
+                assert torch.equal(kernels.linear_packed(x, qw, scales, zeros, 4, 64, None, act, isa=isa, threads=t), one)
+        one = kernels.linear_w8a8(x, q8, s, None, "dynamic-per-token", isa=isa, threads=1)
+        assert torch.equal(kernels.linear_w8a8(x, q8, s, None, "dynamic-per-token", isa=isa, threads=2), one)
+
+
+def test_thread_setting():
+    kernels.set_num_threads(3)
+    try:
+        assert kernels.get_num_threads() == 3
+    finally:
+        kernels.set_num_threads(None)
+    assert kernels.get_num_threads() == torch.get_num_threads()
+    with pytest.raises(ValueError):
+        kernels.set_num_threads(0)
+
+
+def layer(bits, group, symmetric=False, in_f=576, out_f=77):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(in_f, out_f)
+    return compress(torch.nn.Sequential(lin), [RTN(bits, group, symmetric=symmetric)])[0]
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (4, None), (8, 64), (8, None)])
+def test_packed_linear_uses_the_kernel(bits, group, monkeypatch):
+    m = layer(bits, group)
+    assert isinstance(m, PackedLinear)
+    x = torch.randn(1, 3, 576)
+    y, r = m(x), m.forward_reference(x)
+    close(y, r)
+    assert not torch.equal(y, r) or bits == 8  # (a different summation order: the native path really ran)
+    monkeypatch.setattr(kernels, "ISA_CAP", "scalar")
+    close(m(x), r)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert torch.equal(m(x), r)
+
+
+def test_packed_linear_reference_cases():
+    m3 = layer(3, 64)
+    x = torch.randn(2, 576)
+    assert torch.equal(m3(x), m3.forward_reference(x))      # no int3 kernel
+    m4 = layer(4, 128)
+    big = torch.randn(kernels.MAX_ROWS + 1, 576)
+    assert torch.equal(m4(big), m4.forward_reference(big))  # prefill-sized: the reference matmul
+    xg = torch.randn(1, 576, requires_grad=True)
+    y = m4(xg)
+    y.sum().backward()                                       # needs a gradient: the reference path
+    assert xg.grad is not None and torch.equal(y, m4.forward_reference(xg))
+    m4.native_act = "q8"                                     # a layer may take the int8-activation kernel
+    x1 = torch.randn(1, 576)
+    close(m4(x1), ref.linear_packed(x1, m4.qweight, m4.scales, m4.zeros, 4, 128, m4.bias, "q8"))
+
+
+def test_int8_dynamic_module_matches_its_emulation():
+    torch.manual_seed(2)
+    m = Int8DynamicLinear.from_linear(torch.nn.Linear(100, 37))
+    for shape in [(1, 100), (1, 1, 100), (4, 100), (2, 3, 100)]:
+        x = torch.randn(*shape)
+        assert torch.equal(m(x), m.forward_reference(x)), shape
+
+
+def test_missing_library_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(kernels, "_native", None)
+    monkeypatch.setattr(kernels, "_warned", False)
+    m = layer(4, 128)
+    x = torch.randn(1, 576)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1, y2 = m(x), m(x)
+    assert sum("native kernels not available" in str(w.message) for w in caught) == 1
+    assert torch.equal(y1, m.forward_reference(x)) and torch.equal(y2, y1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tiny_model_greedy_tokens_kernels_on_and_off(family, tokenizer, one_thread, monkeypatch):
+    lm = tiny_model(family, tokenizer)
+    compress(lm, [RTN(8, None, targets=r"self_attn"), RTN(4, 32)])
+    ids = torch.tensor([[1, 47, 300, 12, 99, 5]])
+
+    def greedy():
+        with torch.no_grad():
+            return lm.model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+
+    on = greedy()
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    off = greedy()
+    assert torch.equal(on, off)
