@@ -162,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--draft-k", type=_positive, default=4, help="tokens the draft proposes per step")
         p.add_argument("--engine", choices=["auto", "native", "transformers"], default="auto")
         p.add_argument("--max-len", type=_positive, help="KV cache length (default: prompt + max tokens)")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                       "/v1/models, /health); concurrent requests are batched", epilog=EPILOG)
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed at start)")
+    p.add_argument("--max-batch", type=_positive, default=4, help="sequences decoded together (default 4)")
+    p.add_argument("--max-len", type=_positive, help="context per sequence, prompt + output (default: the "
+                   "model's, at most 2048)")
+    p.add_argument("--max-tokens-limit", type=_positive, default=1024, help="largest max_tokens a request may "
+                   "ask for (default 1024)")
+    p.add_argument("--max-request-bytes", type=_positive, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--model-name", help="the model id the API reports (default: the model's name)")
     return ap
 
 
@@ -339,6 +352,29 @@ def cmd_chat(args) -> tuple[dict, str]:
         history.append({"role": "assistant", "content": res["text"]})
         turns.append(res)
     return {"model": lm.source, "turns": turns}, ""
+
+
+def cmd_serve(args) -> tuple[dict, str]:
+    """Serve until SIGINT/SIGTERM; the start line (stderr, or one JSON line on stdout with --json) has the URL."""
+    from .runtime.server import Server
+
+    lm = _load(args.model, args)
+    try:
+        srv = Server(lm, host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len,
+                     max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes,
+                     model_name=args.model_name, log=None if args.quiet else sys.stderr)
+    except OSError as e:
+        raise BadInput(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    info = {"url": srv.url, "model": srv.model_name, "max_batch": srv.engine.runner.max_batch,
+            "max_len": srv.engine.max_len, "engine": "native" if srv.engine.native else "transformers"}
+    if args.json:
+        print(json.dumps(info), flush=True)
+    else:
+        print(f"lmpress: serving {info['model']} at {info['url']} (max batch {info['max_batch']}, context "
+              f"{info['max_len']}, {info['engine']} engine); Ctrl-C to stop", file=sys.stderr, flush=True)
+    srv.start().run_until_signal()
+    res = {**info, "requests": srv.requests_served, "peak_active": srv.peak_active}
+    return res, f"served {res['requests']} requests"
 
 
 def _compress_command(args, steps) -> tuple[dict, str]:
@@ -541,7 +577,7 @@ def cmd_compress(args) -> tuple[dict, str]:
 
 COMMANDS = {"info": cmd_info, "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize,
             "compress": cmd_compress, "prune": cmd_prune, "distill": cmd_distill}
-COMMANDS.update(generate=cmd_generate, chat=cmd_chat)
+COMMANDS.update(generate=cmd_generate, chat=cmd_chat, serve=cmd_serve)
 
 
 def _quiet_libraries():
