@@ -216,16 +216,20 @@ class Server:
 
     def events(self, p: _Pending, client: socket.socket | None):
         """The request's events as they come; cancels it when the client hangs up (then ends quietly)."""
+        checked = time.monotonic()
         while True:
             try:
                 ev = p.events.get(timeout=POLL_S)
             except queue.Empty:
-                if client is not None and _hung_up(client):
-                    p.sched.cancel(p.rid)
-                    self._wake.set()
-                    client = None  # cancelled: the final event still comes, and ends the loop
-                elif not self._threads or not self._threads[0].is_alive():
+                ev = None
+                if not self._threads[0].is_alive():
                     raise HTTPError(503, "the generation worker is not running", "server_error") from None
+            if client is not None and time.monotonic() - checked >= POLL_S:  # even while tokens keep coming
+                checked = time.monotonic()
+                if _hung_up(client):
+                    self.cancel(p)
+                    client = None  # cancelled: the final event still comes, and ends the loop
+            if ev is None:
                 continue
             if isinstance(ev, _Failure):
                 raise HTTPError(500, ev.message, "server_error")
