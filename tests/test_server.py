@@ -254,7 +254,8 @@ def test_shutdown_drains_then_cancels_and_joins(stories, monkeypatch):
         body = {"prompt": "Once", "ignore_eos": True, "stream": drain == 0, **greedy(20)}
         t = threading.Thread(target=lambda: result.update(r=request(s, "POST", "/v1/completions", body)))
         t.start()
-        while not s.health()["active"]:
+        deadline = time.monotonic() + 30
+        while not s.health()["active"] and time.monotonic() < deadline:
             time.sleep(0.005)
         s.shutdown(drain_s=drain)
         t.join(30)

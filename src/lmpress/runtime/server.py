@@ -57,15 +57,8 @@ class _Pending:
     """A request in the scheduler: its id there, that scheduler, and the queue its events arrive on."""
 
     rid: int
-    sched: object
-    events: queue.Queue
-
-
-class _Failure:
-    """Put on a request's queue instead of an Event when the step that served it raised."""
-
-    def __init__(self, message: str):
-        self.message = message
+    sched: object  # the Scheduler it was added to (a failed step replaces the server's)
+    events: queue.Queue  # Events, or an HTTPError when the step serving it failed
 
 
 class Server:
@@ -99,7 +92,6 @@ class Server:
         self._httpd.daemon_threads = True
         self.host, self.port = self._httpd.server_address[:2]
         self._threads: list[threading.Thread] = []
-        self._shut = False
 
     @property
     def url(self) -> str:
@@ -119,9 +111,9 @@ class Server:
     def shutdown(self, drain_s: float | None = None) -> None:
         """Stop accepting connections; let requests in flight finish for up to drain_s seconds (default: the
         server's), cancel what remains, wait for their handlers to answer, then join the worker."""
-        if self._shut:
+        if self._closing:
             return
-        self._shut = self._closing = True
+        self._closing = True
         if self._threads:
             self._httpd.shutdown()  # the accept loop ends; handler threads already running go on
         deadline = time.monotonic() + (self.drain_s if drain_s is None else drain_s)
@@ -192,7 +184,7 @@ class Server:
         print(f"lmpress serve: {msg}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         with self._lock:
             for p in self._pending.values():
-                p.events.put(_Failure(msg))
+                p.events.put(HTTPError(500, msg, "server_error"))  # instead of the events that will not come
             self._pending.clear()
             if self.scheduler is sched:
                 self.scheduler = self.engine.scheduler()
@@ -231,8 +223,8 @@ class Server:
                     client = None  # cancelled: the final event still comes, and ends the loop
             if ev is None:
                 continue
-            if isinstance(ev, _Failure):
-                raise HTTPError(500, ev.message, "server_error")
+            if isinstance(ev, HTTPError):
+                raise ev
             yield ev
             if ev.finished:
                 return
