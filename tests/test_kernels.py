@@ -153,8 +153,10 @@ def test_packed_linear_reference_cases():
     close(m4(x1), ref.linear_packed(x1, m4.qweight, m4.scales, m4.zeros, 4, 128, m4.bias, "q8"))
 
 
-def test_int8_dynamic_module_matches_its_emulation():
+@pytest.mark.parametrize("native", [False, True])  # fbgemm (the default) or lmpress's kernel: the same numbers
+def test_int8_dynamic_module_matches_its_emulation(native, monkeypatch):
     torch.manual_seed(2)
+    monkeypatch.setattr(Int8DynamicLinear, "native", native)
     m = Int8DynamicLinear.from_linear(torch.nn.Linear(100, 37))
     for shape in [(1, 100), (1, 1, 100), (4, 100), (2, 3, 100)]:
         x = torch.randn(*shape)

@@ -33,9 +33,10 @@ vs nn.Linear): [1, 576]×[576→1536] 35 µs vs 77 µs (2.2×); [1, 896]×[896�
 [128, 576]×[576→1536] 0.73 ms vs 2.5 ms (3.5×). The kernel splits even one row across all intra-op
 threads, so set threads to the cores that are really free: with 2 threads on 2 busy cores a call took 4–8 ms.
 
-Inputs of up to kernels.MAX_ROWS rows (decode) run on lmpress's native kernel instead (kernels.linear_w8a8): the
-same quantization, integer products and float32 rounding steps as the emulation, hence fbgemm's numbers (the tests
-check it bit for bit), without the per-call overhead of the quantized op (≈20 µs vs ≈35 µs for the first shape above).
+lmpress's native kernel (kernels.linear_w8a8) does the same quantization, integer products and float32 rounding
+steps as the emulation, hence fbgemm's numbers bit for bit (tests/test_kernels.py), but measured side by side it
+is no faster on this CPU (one thread, one row: 576→1536 38.0 vs 38.5 µs, 896→4864 165 vs 92 µs, 4864→896 108 vs
+92 µs), so `native` is off and fbgemm does the work; set Int8DynamicLinear.native = True to use the kernel.
 
 CPU only (PyTorch has no CUDA kernel for it); float32 compute, other float inputs are cast and cast back.
 """
@@ -179,6 +180,7 @@ class Int8DynamicLinear(Int8WeightLinear):
     """
 
     format = FORMAT
+    native = False  # fbgemm measured as fast or faster than kernels.linear_w8a8 (module docstring)
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool) -> Int8DynamicLinear:
@@ -208,7 +210,7 @@ class Int8DynamicLinear(Int8WeightLinear):
         # x: [..., I] float32 → [..., O] float32 (the kernel flattens leading dimensions itself)
         if x.dtype is not torch.float32 or x.dim() < 2 or not x.is_cpu or x.shape[-1] != self.in_features:
             return self._forward_cast(x, self.forward)
-        if kernels.usable(x):  # lmpress's own kernel: the same integer arithmetic (bit for bit), less overhead
+        if self.native and kernels.usable(x):  # lmpress's own kernel: the same integer arithmetic, bit for bit
             mode = "dynamic" if x.numel() <= self.in_features else "dynamic-per-token"
             return kernels.linear_w8a8(x, self.qweight, self.scales, self.bias, mode)
         packed = self._packed_weight()
