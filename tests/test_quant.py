@@ -35,6 +35,8 @@ def test_packed_linear_matches_reference_fake_quant(bits, group):
     ref_w = dequantize(quantize(lin.weight, qp), qp)
     assert torch.equal(m.dequantize(), ref_w)  # bit-exact: codes and fp16 params round-trip through packing
     x = torch.randn(3, 96)
+    assert torch.allclose(m(x), m.forward_reference(x), atol=1e-5)  # kernel or not: the same arithmetic
+    m.native_act = "f32"  # float activations (the default rounds small inputs to int8 per 32): the fake-quant linear
     assert torch.allclose(m(x), torch.nn.functional.linear(x, ref_w, lin.bias), atol=1e-5)
 
 

@@ -13,8 +13,10 @@ against libtorch), with the GIL released, on a small thread pool of its own:
 
 Activations (act=) for the weight-only kernels: "f32" multiplies the decoded codes with x in float32 (the reference
 numbers up to summation order), "q8" first rounds x to int8 per block of 32 columns (scale max|x|/127, as
-llama.cpp's Q8_0) and takes integer dot products (vpmaddubsw, or vpdpbusd with AVX512-VNNI), then differs from
-the reference by that rounding. reference.py holds a plain-torch twin of each kernel, used by the tests.
+llama.cpp's Q8_0) once per call and takes integer dot products (vpmaddubsw, or vpdpbusd with AVX512-VNNI; int4
+64 columns per 32-byte load, 8 output rows per pass over the activations), then differs from the reference by
+that rounding. PackedLinear uses "q8" for inputs of up to MAX_ROWS rows by default (nn/packed.py).
+reference.py holds a plain-torch twin of each kernel, used by the tests.
 
 Instruction paths, chosen at run time: "vnni" (AVX2 + AVX512-VNNI/VL on 256-bit registers), "avx2" (AVX2 + FMA +
 F16C) and "scalar" (portable C++, any CPU). Other widths (int2/3/5/6/7) have no native kernel: their layers keep

@@ -13,11 +13,16 @@ name says the width ("packed-int4"), the manifest entry carries bits and group s
 
 forward() runs the native kernels (lmpress.kernels) for bits 4 and 8 on CPU float32 inputs of up to
 kernels.MAX_ROWS rows (decode, small batches) when the group size spans whole blocks of 32 columns (or the whole
-row). Activations stay float32 by default, so the result is the reference's up to float summation order; a layer's
-`native_act = "q8"` rounds them to int8 per block of 32 for integer dot products (faster, llama.cpp's Q8_0
-arithmetic, no longer the reference's numbers).
-Everything else — other widths, prefill-sized inputs, grouping the kernels do not take, LMPRESS_KERNELS=0 —
-takes forward_reference(): dequantize the whole weight, then a float matmul.
+row). Activations of such inputs are rounded to int8 per block of 32 columns (`native_act = "q8"`, the default:
+llama.cpp's Q8_0 arithmetic, integer dot products, about 3× faster than float ones), a rounding that
+forward_reference() applies to the same inputs too, so both paths compute the same numbers up to float summation
+order on every device and with the kernels on or off. The int8 rounding moves outputs by about 1% of their
+scale (relative RMS and max, measured on random layers with outlier channels), as llama.cpp's Q8_0 activations
+do; `native_act = "f32"` (on the class or a layer) keeps the activations float32.
+Everything else — other widths, prefill-sized inputs, grouping the kernels do not take, inputs that need
+gradients, LMPRESS_KERNELS=0 — takes forward_reference(): dequantize the whole weight, then a float matmul.
+The kernel's arguments (buffer addresses, shapes) are derived once and kept while the buffers stay the same
+objects at the same version (no state is added: nothing is saved).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ def pad_to_groups(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 class PackedLinear(torch.nn.Module):
     formats = tuple(f"packed-int{b}" for b in range(2, 9))
     native_bits = (4, 8)  # widths with a native kernel
-    native_act = "f32"    # activations of the native kernel: "f32" or "q8" (see lmpress.kernels)
+    native_act = "q8"     # activations of inputs of ≤ kernels.MAX_ROWS rows: "q8" or "f32" (see lmpress.kernels)
+    _kargs = None         # derived kernel arguments and the buffers (and versions) they were taken from
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, bias: bool,
                  symmetric: bool = False):
@@ -87,13 +93,60 @@ class PackedLinear(torch.nn.Module):
         codes = pad_to_groups(self.codes(), self.group_size)
         return dequantize(codes, self.qparams())[:, :self.in_features]
 
+    def _kernel_args(self) -> tuple | None:
+        """(I, qweight, row bytes, O, bits, scales, zeros, group, bias) addresses for kernels._native.linear, or
+        None when no kernel takes this layer; recomputed when a buffer is replaced or written in place."""
+        b = self._buffers
+        qw, sc, ze, bias = b["qweight"], b["scales"], b["zeros"], b["bias"]
+        c = self._kargs
+        if (c is not None and c[0] is qw and c[1] is sc and c[2] is ze and c[3] is bias and c[4] == qw._version
+                and c[5] == sc._version and c[6] == ze._version and c[7] == (bias._version if bias is not None else 0)):
+            return c[8]
+        args = None
+        if (self.bits in self.native_bits and kernels.group_ok(self.group_size, self.in_features)
+                and qw.device.type == "cpu" and sc.dtype == ze.dtype == torch.float16 and qw.is_contiguous()
+                and sc.is_contiguous() and ze.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))):
+            args = (self.in_features, qw.data_ptr(), qw.shape[1], self.out_features, self.bits, sc.data_ptr(),
+                    ze.data_ptr(), self.group_size or 0, 0 if bias is None else bias.data_ptr())
+        self._kargs = (qw, sc, ze, bias, qw._version, sc._version, ze._version,
+                       bias._version if bias is not None else 0, args)
+        return args
+
+    def _act(self, x: torch.Tensor) -> str:
+        """The activation arithmetic of this input on the native path: "q8" for inputs a kernel takes (up to
+        kernels.MAX_ROWS rows, no gradient needed) when native_act is "q8", else "f32"."""
+        if (self.native_act == "q8" and self.bits in self.native_bits and x.numel() <= kernels.MAX_ROWS * x.shape[-1]
+                and kernels.group_ok(self.group_size, self.in_features)
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            return "q8"
+        return "f32"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits in self.native_bits and kernels.usable(x) and kernels.group_ok(self.group_size, self.in_features):
-            return kernels.linear_packed(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                         self.bias, act=self.native_act)
+        # the decode hot path: a few attribute reads before the kernel (see kernels.linear_packed for the checks)
+        n = x.shape[-1]
+        rows = x.numel() // n if n else 0
+        if (0 < rows <= kernels.MAX_ROWS and x.dtype is torch.float32 and x.is_cpu and kernels.ENABLED
+                and kernels._native is not None and not (x.requires_grad and torch.is_grad_enabled())):
+            a = self._kernel_args()
+            if a is not None and n == a[0]:
+                I, w, rb, O, bits, sc, ze, g, bias = a
+                x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(rows, n).contiguous()
+                y = torch.empty(rows, O)
+                cap = kernels.ISA_CAP
+                kernels._native.linear(x2.data_ptr(), rows, I, w, rb, O, bits, 1, sc, ze, 1, g, bias, y.data_ptr(),
+                                       1 if self.native_act == "q8" else 0, kernels._isa(cap) if cap else -1,
+                                       kernels._threads or torch.get_num_threads())
+                return y if x.dim() == 2 else y.view(*x.shape[:-1], O)
+        elif kernels._native is None and kernels.ENABLED:
+            kernels.available()  # the one warning that the library is missing
         return self.forward_reference(x)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize, then a float matmul; inputs the native path would round to int8 ("q8") rounded alike."""
+        if self._act(x) == "q8":
+            from ..kernels.reference import quantize_q8
+
+            x = quantize_q8(x.reshape(-1, x.shape[-1])).to(x.dtype).reshape(x.shape)
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def lmpress_format(self) -> dict:

@@ -4,8 +4,10 @@
 // Headers first, outside the pragma, so no inline library code is compiled for the wider target.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)

@@ -11,8 +11,14 @@
 // The activations arrive prepared by module.cpp (once per call, shared by every row):
 //   ACT_F32   xf   float [M, nblk·32]  x itself, zero padded; for int4 permuted within each block so that the
 //                                       low nibbles (even columns) come first, then the high ones (odd columns)
-//   ACT_Q8    xq   int8  [M, nblk·32]  x / d[b] rounded, per block b of 32 columns, d[b] = max|x_b| / 127 (same
-//             xd   float [M, nblk]     permutation); the integer dot products then run in int32
+//   ACT_Q8    xq   int8  [M, xq_stride] x / d[b] rounded, per block b of 32 columns, d[b] = max|x_b| / 127, laid
+//                                       out in "units" (q8_pos): int4 64 columns per unit, the even columns of its
+//                                       two blocks first ([block 2u even | block 2u+1 even | 2u odd | 2u+1 odd],
+//                                       16 each), so one 32-byte load of codes masked / shifted by 4 meets them;
+//                                       int8 32 columns per unit, in order
+//             xd   float [M, nblk]     d[b]; xdv float [M, units·8] the same per int32 lane of a unit's dot
+//                                       product (int4: lanes 0-3 block 2u, 4-7 block 2u+1; int8: all 8 block u)
+//             xc   int32 [M, nblk]     −128·Σ q of each block (int8 weights on VNNI: u8 codes then give Σ (c−128)·q)
 //   ACT_Q8T   xq, xd[m]                one scale per row and int32 over the whole row (the fbgemm-compatible
 //                                       W8A8 path of Int8WeightLinear; int8 weights only, no zeros)
 //   xsum  float [M, n_groups]  Σ of the (dequantized) activations of each group, for the zero-point term
@@ -45,6 +51,9 @@ struct Problem {
     const int8_t* xq;   // ACT_Q8*: [M, nblk*32]
     const float* xd;    // ACT_Q8: [M, nblk]; ACT_Q8T: [M]
     const float* xsum;  // [M, ng]
+    int64_t xq_stride;  // bytes per activation row of xq
+    const float* xdv;   // ACT_Q8: [M, units*8]
+    const int32_t* xc;  // ACT_Q8: [M, nblk]
     float* y;           // [M, O]
 };
 
@@ -56,8 +65,22 @@ void rows_avx2(const Problem& p, int64_t o0, int64_t o1);
 void rows_vnni(const Problem& p, int64_t o0, int64_t o1);
 #endif
 
-// Position of column c (0..31) inside its prepared block: int4 splits even/odd columns.
+// Position of column c (0..31) inside its prepared block: int4 splits even/odd columns (ACT_F32).
 inline int perm4(int c) { return (c & 1) ? 16 + (c >> 1) : (c >> 1); }
+
+// Position of column c inside a prepared ACT_Q8 activation row (see above).
+inline int64_t q8_pos(int bits, int64_t c) {
+    if (bits != 4) return c;
+    const int64_t u = c >> 6, w = c & 63;
+    return u * 64 + ((w & 1) ? 32 : 0) + (w >> 5) * 16 + ((w & 31) >> 1);
+}
+inline int64_t q8_units(int bits, int64_t nblk) { return bits == 4 ? (nblk + 1) / 2 : nblk; }
+
+// ACT_Q8 activations of x [M, I], into p.xq/xd/xdv/xc/xsum (buffers sized by the caller; xq zeroed past I).
+void quantize_q8_scalar(const Problem& p, const float* x, int8_t* xq, float* xd, float* xdv, int32_t* xc, float* xsum);
+#if defined(__x86_64__) || defined(__i386__)
+void quantize_q8_avx2(const Problem& p, const float* x, int8_t* xq, float* xd, float* xdv, int32_t* xc, float* xsum);
+#endif
 
 inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;

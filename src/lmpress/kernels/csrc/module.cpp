@@ -52,19 +52,20 @@ void run(const Problem& p, int isa, int threads) {
 
 // Scratch for the prepared activations, reused across calls of one Python thread.
 struct Scratch {
-    std::vector<float> xf, xd, xsum;
+    std::vector<float> xf, xd, xdv, xsum;
     std::vector<int8_t> xq;
+    std::vector<int32_t> xc;
 };
 thread_local Scratch scratch;
 
 // x [M, I] → the prepared activations of kernels.h for weight-only layers.
-void prepare(Problem& p, const float* x) {
+void prepare(Problem& p, const float* x, int isa) {
     const int64_t P = p.nblk * BLK, gcols = p.ng == 1 ? p.I : p.group;
     Scratch& s = scratch;
-    s.xsum.assign(p.M * p.ng, 0.f);
     const bool perm = p.bits == 4;
     auto at = [&](int64_t c) { return (c & ~int64_t(BLK - 1)) + (perm ? perm4(int(c & (BLK - 1))) : (c & (BLK - 1))); };
     if (p.act == ACT_F32) {
+        s.xsum.assign(p.M * p.ng, 0.f);
         s.xf.assign(p.M * P, 0.f);
         for (int64_t m = 0; m < p.M; ++m)
             for (int64_t c = 0; c < p.I; ++c) {
@@ -74,25 +75,22 @@ void prepare(Problem& p, const float* x) {
             }
         p.xf = s.xf.data();
     } else {  // ACT_Q8: symmetric int8 per block of 32, d = max|x| / 127
-        s.xq.assign(p.M * P, 0);
-        s.xd.assign(p.M * p.nblk, 0.f);
-        for (int64_t m = 0; m < p.M; ++m)
-            for (int64_t b = 0; b < p.nblk; ++b) {
-                const int64_t c0 = b * BLK, c1 = std::min(c0 + BLK, p.I);
-                float amax = 0.f;
-                for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(x[m * p.I + c]));
-                const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-                int32_t qs = 0;
-                for (int64_t c = c0; c < c1; ++c) {
-                    const int q = static_cast<int>(std::nearbyintf(x[m * p.I + c] * id));
-                    s.xq[m * P + at(c)] = static_cast<int8_t>(q);
-                    qs += q;
-                }
-                s.xd[m * p.nblk + b] = d;
-                s.xsum[m * p.ng + c0 / gcols] += d * static_cast<float>(qs);
-            }
+        const int64_t units = q8_units(p.bits, p.nblk);
+        p.xq_stride = p.bits == 4 ? units * 64 : P;
+        if (s.xq.size() < size_t(p.M * p.xq_stride)) s.xq.resize(p.M * p.xq_stride);
+        if (s.xd.size() < size_t(p.M * p.nblk)) s.xd.resize(p.M * p.nblk);
+        if (s.xdv.size() < size_t(p.M * units * 8)) s.xdv.resize(p.M * units * 8);
+        if (s.xc.size() < size_t(p.M * p.nblk)) s.xc.resize(p.M * p.nblk);
+        if (s.xsum.size() < size_t(p.M * p.ng)) s.xsum.resize(p.M * p.ng);
+#ifdef LMP_X86
+        if (isa >= ISA_AVX2) quantize_q8_avx2(p, x, s.xq.data(), s.xd.data(), s.xdv.data(), s.xc.data(), s.xsum.data());
+        else
+#endif
+            quantize_q8_scalar(p, x, s.xq.data(), s.xd.data(), s.xdv.data(), s.xc.data(), s.xsum.data());
         p.xq = s.xq.data();
         p.xd = s.xd.data();
+        p.xdv = s.xdv.data();
+        p.xc = s.xc.data();
     }
     p.xsum = s.xsum.data();
 }
@@ -153,8 +151,9 @@ PyObject* py_linear(PyObject*, PyObject* args) {
         return nullptr;
     }
     Py_BEGIN_ALLOW_THREADS
-    prepare(p, ptr<const float>(x));
-    run(p, clamp_isa(isa), std::max(threads, 1));
+    const int use = clamp_isa(isa);
+    prepare(p, ptr<const float>(x), use);
+    run(p, use, std::max(threads, 1));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -210,7 +209,7 @@ PyObject* py_w8a8(PyObject*, PyObject* args) {
             const int q = std::min(std::max(static_cast<int>(std::nearbyintf(t)), 0), top) - zp;
             s.xq[m * P + c] = static_cast<int8_t>(std::min(std::max(q, -128), 127));
         }
-    p.xq = s.xq.data(), p.xd = s.xd.data();
+    p.xq = s.xq.data(), p.xd = s.xd.data(), p.xq_stride = P;
     run(p, clamp_isa(isa), std::max(threads, 1));
     if (mode == 1)  // y = W·(x/r) + b → (y − b)·r + b, float32 steps as the Python wrapper
         for (int64_t m = 0; m < M; ++m)
