@@ -189,3 +189,101 @@ def test_tiny_model_greedy_tokens_kernels_on_and_off(family, tokenizer, one_thre
     monkeypatch.setattr(kernels, "ENABLED", False)
     off = greedy()
     assert torch.equal(on, off)
+
+
+# ---- dequantization (the path of inputs with more than MAX_ROWS rows): bit for bit the torch reference ----------
+
+DQ_SHAPES = [(37, 576, 128), (33, 100, None), (5, 40, 32), (7, 77, 24), (64, 576, 64), (3, 1, None), (130, 97, 96)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", DQ_SHAPES)
+def test_dequantize_equals_the_reference(shape, bits, symmetric):
+    from lmpress.quant.primitives import QParams, dequantize, unpack
+    from lmpress.nn.packed import pad_to_groups
+
+    out_f, in_f, group = shape
+    qw, scales, zeros = packed(out_f, in_f, bits, group, symmetric, seed=bits)
+    codes = pad_to_groups(unpack(qw, bits, in_f), group)
+    qp = QParams(scales.t().float(), zeros.t().float(), bits, group)
+    r = dequantize(codes, qp)[:, :in_f]
+    for isa in ISAS:
+        for t in (1, 2):
+            y = kernels.dequantize_packed(qw, scales, zeros, bits, group, in_f, isa=isa, threads=t)
+            assert y.shape == (out_f, in_f) and torch.equal(y, r), (isa, t)
+    # float32 parameters (a model cast with .float()), no zeros, and a caller's buffer larger than needed
+    y = kernels.dequantize_packed(qw, scales.float(), zeros.float(), bits, group, in_f)
+    assert torch.equal(y, r)
+    r0 = dequantize(codes, QParams(qp.scale, torch.zeros_like(qp.zero), bits, group))[:, :in_f]
+    buf = torch.full((out_f * in_f + 5,), float("nan"))
+    for isa in ISAS:
+        assert torch.equal(kernels.dequantize_packed(qw, scales, None, bits, group, in_f, out=buf, isa=isa), r0)
+    assert buf[out_f * in_f:].isnan().all()  # nothing written past the weight
+
+
+def test_dequantize_threads_and_bad_arguments():
+    qw, scales, zeros = packed(1001, 320, 4, 64, False)
+    one = kernels.dequantize_packed(qw, scales, zeros, 4, 64, 320, threads=1)
+    for t in (2, 3):
+        assert torch.equal(kernels.dequantize_packed(qw, scales, zeros, 4, 64, 320, threads=t), one)
+    with pytest.raises(ValueError):
+        kernels.dequantize_packed(qw, scales, zeros, 4, 64, 321)              # row bytes do not fit
+    with pytest.raises(ValueError):
+        kernels.dequantize_packed(qw, scales[:2], zeros[:2], 4, 64, 320)      # wrong number of groups
+    with pytest.raises(ValueError):
+        kernels.dequantize_packed(qw, scales, zeros, 4, 64, 320, out=torch.empty(10))
+
+
+def test_scratch_is_reused_and_released():
+    kernels.release_scratch()
+    a = kernels.scratch(100)
+    assert kernels.scratch(50) is a and a.numel() == 100
+    b = kernels.scratch(200)
+    assert b.numel() == 200 and kernels.scratch(10) is b
+    kernels.release_scratch()
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 128, False), (4, 128, True), (4, 32, False), (4, None, True),
+                                                   (8, 64, False), (8, None, True), (3, 64, False), (2, 32, True),
+                                                   (4, 48, False)])
+def test_packed_linear_many_rows_equals_the_reference(bits, group, symmetric, monkeypatch):
+    # inputs of more than MAX_ROWS rows (and any rows for widths / groups without a GEMV kernel) take the native
+    # dequantization then torch's matmul: the same numbers as forward_reference, bit for bit
+    m = layer(bits, group, symmetric)
+    assert isinstance(m, PackedLinear)
+    small = m.bits not in m.native_bits or not kernels.group_ok(group, m.in_features)
+    rows = [1, 5, 16, 17, 64, 600] if small else [17, 64, 600]
+    for isa in ISAS:
+        monkeypatch.setattr(kernels, "ISA_CAP", isa)
+        for n in rows:
+            x = torch.randn(n, 576)
+            assert torch.equal(m(x), m.forward_reference(x)), (isa, n)
+        x3 = torch.randn(2, 40, 576)
+        assert torch.equal(m(x3), m.forward_reference(x3))
+    monkeypatch.setattr(kernels, "ISA_CAP", None)
+    # the scratch buffer is reused across layers: a second layer in between leaves the first's result intact
+    other = layer(4, 32, in_f=576, out_f=300)
+    x = torch.randn(20, 576)
+    y1 = m(x)
+    other(x)
+    assert torch.equal(y1, m.forward_reference(x)) and torch.equal(m(x), y1)
+    # the library missing or switched off: the torch reference, same numbers
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert torch.equal(m(x), y1)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    monkeypatch.setattr(kernels, "_native", None)
+    monkeypatch.setattr(kernels, "_warned", True)
+    assert torch.equal(m(x), y1)
+
+
+def test_packed_linear_many_rows_gradient_and_written_buffers():
+    m = layer(4, 128)
+    x = torch.randn(20, 576, requires_grad=True)
+    y = m(x)
+    y.sum().backward()  # the reference path (the weight must outlive the call for the backward)
+    assert x.grad is not None and torch.equal(y, m.forward_reference(x))
+    xs = torch.randn(20, 576)
+    before = m(xs)
+    m.scales.mul_(2)    # written in place: the cached kernel arguments are derived again
+    assert torch.equal(m(xs), m.forward_reference(xs)) and not torch.equal(m(xs), before)

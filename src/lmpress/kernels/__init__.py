@@ -8,6 +8,10 @@ against libtorch), with the GIL released, on a small thread pool of its own:
                  zeros [n_groups, O], symmetric or not. Groups must span whole blocks of 32 columns (group_size a
                  multiple of 32) or the whole row (per channel); only the row's last group/block may be partial.
   linear_int8    the int8 codes and fp32 per-channel scales of Int8WeightLinear, weight-only (fp32 activations)
+  dequantize_packed  PackedLinear's float32 weight [O, I] of any width 2..8 and any group size, bit for bit
+                 quant.primitives.dequantize ((code − zero) then · scale, two rounded float32 steps): the layers'
+                 path for inputs of more than MAX_ROWS rows (prefill, evaluation batches) writes it into a scratch
+                 buffer reused across layers (scratch()) and runs torch's float matmul on it
   linear_w8a8    the same storage with activations on one uint8 grid per call: the integer arithmetic of PyTorch's
                  fbgemm quantized linear, which the w8a8 formats are defined by (nn/int8_dynamic.py)
 
@@ -20,8 +24,9 @@ reference.py holds a plain-torch twin of each kernel, used by the tests.
 
 Instruction paths, chosen at run time: "vnni" (AVX2 + AVX512-VNNI/VL on 256-bit registers), "avx2" (AVX2 + FMA +
 F16C) and "scalar" (portable C++, any CPU). Other widths (int2/3/5/6/7) have no native kernel: their layers keep
-the dequantize-then-matmul reference path, as do inputs with more than MAX_ROWS rows (prefill: a float matmul
-is compute-bound there and as fast), inputs that need gradients, and non-CPU or non-float32 inputs.
+the dequantize-then-matmul arithmetic, as do inputs with more than MAX_ROWS rows (prefill: a float matmul
+is compute-bound there and as fast); on CPU float32 inputs without gradients the dequantization itself is native
+(dequantize_packed). Inputs that need gradients and non-CPU or non-float32 inputs take the torch reference.
 
 Switches (for benchmarks and tests; nothing global is needed in normal use):
   LMPRESS_KERNELS=0          never use the native kernels (the reference path everywhere); read at import
@@ -33,6 +38,7 @@ Switches (for benchmarks and tests; nothing global is needed in normal use):
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 
 import torch
@@ -169,3 +175,46 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     _native.w8a8(_ptr(x2), x2.shape[0], I, _ptr(qweight), O, _ptr(scales), _ptr(bias), _ptr(y), W8A8_MODES[mode],
                  float(in_scale), int(in_zero), _isa(isa), threads or get_num_threads())
     return _shaped(y, x)
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                      group_size: int | None, in_features: int, out: torch.Tensor | None = None,
+                      isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """PackedLinear storage (qweight uint8 [O, packed_row_bytes(I, bits)], scales and zeros fp16 or float32
+    [n_groups, O], zeros None for 0) → float32 weight [O, I], equal to quant.primitives.dequantize of the unpacked
+    codes. out: a contiguous float32 buffer of at least O·I elements to write into (the result is a view of it)."""
+    O, I = qweight.shape[0], in_features
+    ng = -(-I // group_size) if group_size and group_size < I else 1
+    from ..quant.primitives import packed_row_bytes
+    if (qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != packed_row_bytes(I, bits)
+            or scales.shape != (ng, O) or (zeros is not None and (zeros.shape != (ng, O) or zeros.dtype != scales.dtype))
+            or scales.dtype not in (torch.float16, torch.float32)):
+        raise ValueError(f"no packed {bits}-bit weight of {O}x{I} (group {group_size}): qweight {qweight.dtype} "
+                         f"{list(qweight.shape)}, scales {scales.dtype} {list(scales.shape)}")
+    if out is None:
+        out = torch.empty(O * I, dtype=torch.float32)
+    elif out.dtype is not torch.float32 or not out.is_contiguous() or out.numel() < O * I:
+        raise ValueError(f"out must be a contiguous float32 buffer of at least {O * I} elements")
+    _native.dequant(_ptr(qweight), qweight.shape[1], O, I, bits, _ptr(scales), _ptr(zeros),
+                    int(scales.dtype is torch.float16), group_size or 0, _ptr(out), _isa(isa),
+                    threads or get_num_threads())
+    return out.view(-1)[:O * I].view(O, I)
+
+
+_scratch = threading.local()
+
+
+def scratch(numel: int) -> torch.Tensor:
+    """A float32 buffer of at least numel elements, this Python thread's own, reused from call to call (it grows
+    to the largest size asked and stays: one layer's weight; release_scratch() frees it). Whatever was written
+    there is overwritten by the next caller on the thread: use it only for a value consumed at once."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        _scratch.buf = buf = None  # free the old one before the new one is allocated
+        _scratch.buf = buf = torch.empty(numel, dtype=torch.float32)
+    return buf
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffer (scratch())."""
+    _scratch.buf = None

@@ -19,8 +19,11 @@ forward_reference() applies to the same inputs too, so both paths compute the sa
 order on every device and with the kernels on or off. The int8 rounding moves outputs by about 1% of their
 scale (relative RMS and max, measured on random layers with outlier channels), as llama.cpp's Q8_0 activations
 do; `native_act = "f32"` (on the class or a layer) keeps the activations float32.
-Everything else — other widths, prefill-sized inputs, grouping the kernels do not take, inputs that need
-gradients, LMPRESS_KERNELS=0 — takes forward_reference(): dequantize the whole weight, then a float matmul.
+Everything else — other widths, prefill-sized inputs, grouping the kernels do not take — dequantizes the whole
+weight, then runs a float matmul: on CPU float32 inputs that need no gradient, the native kernels write the
+weight (bit for bit the reference's, any width 2..8) into a scratch buffer reused across layers
+(kernels.dequantize_packed, kernels.scratch), otherwise (inputs that need gradients, other devices or dtypes,
+LMPRESS_KERNELS=0, no library) forward_reference() does it in torch. Both give the same numbers.
 The kernel's arguments (buffer addresses, shapes) are derived once and kept while the buffers stay the same
 objects at the same version (no state is added: nothing is saved).
 """
@@ -93,21 +96,29 @@ class PackedLinear(torch.nn.Module):
         codes = pad_to_groups(self.codes(), self.group_size)
         return dequantize(codes, self.qparams())[:, :self.in_features]
 
-    def _kernel_args(self) -> tuple | None:
-        """(I, qweight, row bytes, O, bits, scales, zeros, group, bias) addresses for kernels._native.linear, or
-        None when no kernel takes this layer; recomputed when a buffer is replaced or written in place."""
+    def _kernel_args(self) -> tuple:
+        """(gemv, dequant): the arguments of kernels._native.linear — (I, qweight, row bytes, O, bits, scales,
+        zeros, group, bias) addresses, or None when no GEMV kernel takes this layer — and of kernels._native.dequant
+        — (I, O, qweight, row bytes, bits, scales, zeros, scales fp16, group, bias tensor), or None; derived again
+        when a buffer is replaced or written in place."""
         b = self._buffers
         qw, sc, ze, bias = b["qweight"], b["scales"], b["zeros"], b["bias"]
         c = self._kargs
         if (c is not None and c[0] is qw and c[1] is sc and c[2] is ze and c[3] is bias and c[4] == qw._version
                 and c[5] == sc._version and c[6] == ze._version and c[7] == (bias._version if bias is not None else 0)):
             return c[8]
-        args = None
-        if (self.bits in self.native_bits and kernels.group_ok(self.group_size, self.in_features)
-                and qw.device.type == "cpu" and sc.dtype == ze.dtype == torch.float16 and qw.is_contiguous()
-                and sc.is_contiguous() and ze.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))):
-            args = (self.in_features, qw.data_ptr(), qw.shape[1], self.out_features, self.bits, sc.data_ptr(),
+        gemv = dq = None
+        plain = (qw.device.type == "cpu" and qw.dtype == torch.uint8 and qw.is_contiguous() and sc.is_contiguous()
+                 and ze.is_contiguous() and sc.dtype == ze.dtype and sc.device.type == ze.device.type == "cpu"
+                 and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.is_cpu)))
+        if (plain and self.bits in self.native_bits and kernels.group_ok(self.group_size, self.in_features)
+                and sc.dtype == torch.float16):
+            gemv = (self.in_features, qw.data_ptr(), qw.shape[1], self.out_features, self.bits, sc.data_ptr(),
                     ze.data_ptr(), self.group_size or 0, 0 if bias is None else bias.data_ptr())
+        if plain and sc.dtype in (torch.float16, torch.float32):
+            dq = (self.in_features, self.out_features, qw.data_ptr(), qw.shape[1], self.bits, sc.data_ptr(),
+                  ze.data_ptr(), int(sc.dtype == torch.float16), self.group_size or 0, bias)
+        args = (gemv, dq)
         self._kargs = (qw, sc, ze, bias, qw._version, sc._version, ze._version,
                        bias._version if bias is not None else 0, args)
         return args
@@ -125,18 +136,26 @@ class PackedLinear(torch.nn.Module):
         # the decode hot path: a few attribute reads before the kernel (see kernels.linear_packed for the checks)
         n = x.shape[-1]
         rows = x.numel() // n if n else 0
-        if (0 < rows <= kernels.MAX_ROWS and x.dtype is torch.float32 and x.is_cpu and kernels.ENABLED
-                and kernels._native is not None and not (x.requires_grad and torch.is_grad_enabled())):
-            a = self._kernel_args()
-            if a is not None and n == a[0]:
-                I, w, rb, O, bits, sc, ze, g, bias = a
+        if (x.dtype is torch.float32 and x.is_cpu and kernels.ENABLED and kernels._native is not None
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            gemv, dq = self._kernel_args()
+            cap = kernels.ISA_CAP
+            if gemv is not None and 0 < rows <= kernels.MAX_ROWS and n == gemv[0]:
+                I, w, rb, O, bits, sc, ze, g, bias = gemv
                 x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(rows, n).contiguous()
                 y = torch.empty(rows, O)
-                cap = kernels.ISA_CAP
                 kernels._native.linear(x2.data_ptr(), rows, I, w, rb, O, bits, 1, sc, ze, 1, g, bias, y.data_ptr(),
                                        1 if self.native_act == "q8" else 0, kernels._isa(cap) if cap else -1,
                                        kernels._threads or torch.get_num_threads())
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], O)
+            if dq is not None and n == dq[0] and (rows > kernels.MAX_ROWS or self._act(x) == "f32"):
+                # prefill, evaluation batches, widths without a GEMV kernel: the reference's float weight, bit for
+                # bit, dequantized natively into this thread's scratch buffer, then torch's float matmul
+                I, O, w, rb, bits, sc, ze, sf16, g, bias = dq
+                buf = kernels.scratch(O * I)
+                kernels._native.dequant(w, rb, O, I, bits, sc, ze, sf16, g, buf.data_ptr(),
+                                        kernels._isa(cap) if cap else -1, kernels._threads or torch.get_num_threads())
+                return F.linear(x, buf[:O * I].view(O, I), bias)
         elif kernels._native is None and kernels.ENABLED:
             kernels.available()  # the one warning that the library is missing
         return self.forward_reference(x)

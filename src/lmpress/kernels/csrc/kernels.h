@@ -102,6 +102,11 @@ inline float load_param(const void* base, bool f16, int64_t idx) {
     return f16 ? half_to_float(static_cast<const uint16_t*>(base)[idx]) : static_cast<const float*>(base)[idx];
 }
 
+// Float32 weight [O, I] of packed codes (any width 2..8, any group size): (code − zero) · scale, two rounded
+// float32 steps as quant.primitives.dequantize (dequant.cpp). zeros may be null (0).
+void dequantize(const uint8_t* w, int64_t row_bytes, int64_t O, int64_t I, int bits, const void* scales,
+                const void* zeros, bool sf16, int64_t group, float* out, int isa, int threads);
+
 // Threads: run fn(ctx, begin, end) over [0, n) split in chunks, on up to `threads` threads (caller included).
 void parallel_for(int64_t n, int64_t chunk, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx);
 

@@ -4,6 +4,8 @@
 //   linear(...)                       weight-only int4/int8, activations fp32 or int8 per block of 32 (see kernels.h)
 //   w8a8(...)                         int8 weights × uint8 activations on one per-tensor grid, the arithmetic of
 //                                     PyTorch's fbgemm dynamic/static quantized linear (nn/int8_dynamic.py)
+//   dequant(...)                      packed codes of any width 2..8 → float32 [O, I], bit for bit
+//                                     quant.primitives.dequantize (dequant.cpp)
 // Argument checking (shapes, dtypes, contiguity) is the Python wrapper's job (lmpress/kernels/__init__.py).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -222,9 +224,29 @@ PyObject* py_w8a8(PyObject*, PyObject* args) {
     Py_RETURN_NONE;
 }
 
+PyObject* py_dequant(PyObject*, PyObject* args) {
+    unsigned long long w, scales, zeros, out;
+    long long O, I, row_bytes, group;
+    int bits, sf16, isa, threads;
+    if (!PyArg_ParseTuple(args, "KLLLiKKiLKii", &w, &row_bytes, &O, &I, &bits, &scales, &zeros, &sf16, &group, &out,
+                          &isa, &threads))
+        return nullptr;
+    if (bits < 2 || bits > 8 || O < 0 || I < 0) {
+        PyErr_SetString(PyExc_ValueError, "lmpress kernels: dequant takes bits 2..8 and non-negative shapes");
+        return nullptr;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    dequantize(ptr<const uint8_t>(w), row_bytes, O, I, bits, ptr<const void>(scales),
+               zeros ? ptr<const void>(zeros) : nullptr, sf16 != 0, group, ptr<float>(out), clamp_isa(isa),
+               std::max(threads, 1));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "best instruction path: 0 scalar, 1 AVX2, 2 AVX2 + AVX512-VNNI"},
     {"linear", py_linear, METH_VARARGS, "weight-only int4/int8 linear on raw buffers (see lmpress.kernels)"},
+    {"dequant", py_dequant, METH_VARARGS, "packed codes (bits 2..8) to a float32 weight on raw buffers"},
     {"w8a8", py_w8a8, METH_VARARGS, "fbgemm-compatible int8 linear on raw buffers (see lmpress.kernels)"},
     {nullptr, nullptr, 0, nullptr}};
 
