@@ -62,15 +62,21 @@ def test_bits_per_weight_within_3_percent_of_nominal():
 
 
 def test_hqq_error_not_above_rtn_on_real_weights(stories):
+    """HQQ's objective Σ|error|^0.7 is never above min-max RTN's (per group, hence per layer), and on real
+    weights it is clearly below; the mean absolute error drops too."""
+    lower = 0
     for name, mod in list(linear_layers(stories.model).items())[:8]:
         w = mod.weight.detach()
         g = 32 if w.shape[1] % 32 == 0 else None
         for bits in (2, 3, 4):
             rtn = storage_qparams(compute_qparams(w, bits, g, symmetric=False))
-            e_rtn = (dequantize(quantize(w, rtn), rtn) - w).pow(2).sum()
+            e_rtn = dequantize(quantize(w, rtn), rtn) - w
             codes, hq = hqq_qparams(w, bits, g)
-            e_hqq = (dequantize(codes, hq) - w).pow(2).sum()
-            assert e_hqq <= e_rtn, (name, bits)
+            e_hqq = dequantize(codes, hq) - w
+            assert e_hqq.abs().pow(0.7).sum() <= e_rtn.abs().pow(0.7).sum() * (1 + 1e-6), (name, bits)
+            assert e_hqq.abs().mean() < e_rtn.abs().mean(), (name, bits)
+            lower += e_hqq.abs().pow(0.7).sum() < 0.97 * e_rtn.abs().pow(0.7).sum()
+    assert lower >= 12  # of 24
 
 
 @pytest.mark.parametrize("recipe", ["w8", "w4g128", "w4", "w3g64", "w2g32", "w8a8-dynamic", "w8a8-static"])

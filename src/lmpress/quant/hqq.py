@@ -5,8 +5,11 @@ minimise  ‖W − Q⁻¹(Q(W))‖_p  (p < 1, robust to the few large errors tha
     W_e  = shrink_p(W − (C − z)·s, β)          generalized soft-thresholding of the error
     z    = mean_group(C − (W − W_e) / s)         the zero that best explains W − W_e
 with codes C = clamp(round(W/s + z), 0, 2^b − 1) and β growing by κ each iteration (the paper's defaults:
-p = 0.7, β = 10, κ = 1.01, 20 iterations). Each group keeps the zero with the lowest squared weight error
-seen, the min-max start included, so HQQ's weight error is never above min-max RTN's.
+p = 0.7, β = 10, κ = 1.01, 20 iterations). Each group keeps the zero with the lowest value of that objective,
+Σ|W − Q⁻¹(Q(W))|^p, among the iterates and the min-max start, so HQQ's objective is never above min-max
+RTN's. Selecting by the objective rather than by the squared error matters: on SmolLM2-135M at 3 bits g64
+(WikiText-2, 40 windows of 512, KLD to the base) squared-error selection gave 1.319 — worse than RTN's 1.299
+—, the lp objective 1.236 (l1: 1.274).
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ def hqq_qparams(w: torch.Tensor, bits: int, group_size: int | None, iters: int =
     s, z = qp.scale[..., None], qp.zero[..., None]  # [O, G, 1]
     qmax = 2 ** bits - 1
 
-    def error(zero):
+    def error(zero):  # the lp objective per group
         codes = torch.clamp(torch.round(wg / s + zero), 0, qmax)
-        return codes, ((codes - zero) * s - wg).pow(2).mean(-1, keepdim=True)
+        return codes, ((codes - zero) * s - wg).abs().pow(lp_norm).sum(-1, keepdim=True)
 
     codes, best_err = error(z)
     best_z = z
