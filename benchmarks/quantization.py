@@ -41,17 +41,29 @@ RECIPES = {
 }
 
 
-def speed(base, name, steps, a):
-    """Decode speed only: the same bench, side by side for each recipe, at each thread count."""
-    lm = copy.deepcopy(base)
-    if steps:
-        lmpress.compress(lm, steps)
-    row = {"recipe": name}
+def speed(base, names, a) -> list[dict]:
+    """Decode and prefill speed only, round-robin: every recipe's model is built first, then each round runs one
+    bench of each (round 0 warms up), so background load hits all rows alike; medians of the rounds."""
+    import statistics
+
+    models = {}
+    for name in names:
+        lm = copy.deepcopy(base)
+        if steps_for(name):
+            lmpress.compress(lm, steps_for(name))
+        models[name] = lm
+    rows = {name: {"recipe": name} for name in names}
     for t in a.speed_threads.split(","):
-        b = lmpress.bench(lm, threads=int(t), prompt_tokens=64, gen_tokens=64, repeats=5)
-        row[f"decode_tokens_per_s_t{t}"] = b["decode_tokens_per_s"]
-        row[f"prefill_tokens_per_s_t{t}"] = b["prefill_tokens_per_s"]
-    return row
+        runs = {name: [] for name in names}
+        for r in range(a.speed_repeats + 1):
+            for name, lm in models.items():
+                b = lmpress.bench(lm, threads=int(t), prompt_tokens=64, gen_tokens=64, repeats=1)
+                if r:
+                    runs[name].append(b)
+        for name in names:
+            rows[name][f"decode_tokens_per_s_t{t}"] = statistics.median(b["decode_tokens_per_s"] for b in runs[name])
+            rows[name][f"prefill_tokens_per_s_t{t}"] = statistics.median(b["prefill_tokens_per_s"] for b in runs[name])
+    return list(rows.values())
 
 
 BASE_LOGPROBS: list = []  # the base's log-probabilities on the evaluation windows, computed once per run
@@ -136,6 +148,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--no-bench", action="store_true", help="skip decode timing (e.g. on a busy machine)")
     ap.add_argument("--speed-threads", help="only decode/prefill speed, at these thread counts (e.g. 1,2)")
+    ap.add_argument("--speed-repeats", type=int, default=5, help="bench repeats of --speed-threads runs (median)")
     ap.add_argument("--subprocess", action="store_true", help="compress with `lmpress compress` in a child process")
     ap.add_argument("--calib", default="builtin:128x512", help="calibration of --subprocess runs")
     ap.add_argument("--stream", action="store_true", help="--subprocess runs stream the weights from the file")
@@ -147,13 +160,16 @@ def main():
         if out.exists() else {}
     base = lmpress.load(a.model)
     if a.speed_threads:
-        rows = [speed(base, name, steps_for(name), a) for name in a.recipes.split(",")]
+        rows = speed(base, a.recipes.split(","), a)
         keys = [k for k in rows[0] if k != "recipe"]
         print("| recipe | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
         for r in rows:
             print(f"| {r['recipe']} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
-        print(f"\n{Path(a.model).name}; greedy decode of 64 tokens after a 64-token prompt, median of 5, "
-              f"transformers forward over lmpress modules")
+        print(f"\n{Path(a.model).name}; greedy decode of 64 tokens after a 64-token prompt, median of "
+              f"{a.speed_repeats} round-robin rounds, lmpress bench (its runtime engine over lmpress modules)")
+        with open(out.with_name(out.stem + "-speed.jsonl"), "a") as fh:
+            for r in rows:
+                fh.write(json.dumps({**r, "speed_repeats": a.speed_repeats}) + "\n")
         return
     text = load_text("wikitext2", a.data_dir)
     for name in a.recipes.split(","):
