@@ -330,13 +330,7 @@ def test_recipe_sparsegpt_then_gptq_keeps_the_pattern(stories_dir):
     lm = lmpress.load(stories_dir / "hf")
     batches = calib_batches(lm, n=8, length=64)
     compress(lm, [SparseGPT(pattern="2:4"), GPTQ(bits=4, group_size=32)], data=batches)
-    kept = total = 0
-    for name, mod in block_linears(lm).items():
-        assert isinstance(mod, PackedLinear) and mod.bits == 4, name
-        w = mod.dequantize()
-        assert_nm(w, 2, 4, exact=False)
-        kept, total = kept + int((w != 0).sum()), total + w.numel()
-    assert 0.48 * total < kept <= 0.5 * total
+    assert_packed_2of4(lm)
 
 
 # ----------------------------------------------------------------------------------------- the engine
@@ -346,6 +340,18 @@ def calib_batches(lm, n=16, length=128):
     from lmpress.quant.qat import sample_batches
 
     return sample_batches(lm.model, n, length, 8, lm.bos_id, seed=0)
+
+
+def assert_packed_2of4(lm) -> None:
+    """Every block linear a 4-bit PackedLinear whose decoded weight has at most 2 non-zeros in every 4
+    columns, and nearly always exactly 2."""
+    kept = total = 0
+    for name, mod in block_linears(lm).items():
+        assert isinstance(mod, PackedLinear) and mod.bits == 4, name
+        w = mod.dequantize()
+        assert_nm(w, 2, 4, exact=False)
+        kept, total = kept + int((w != 0).sum()), total + w.numel()
+    assert 0.48 * total < kept <= 0.5 * total
 
 
 def block_linears(lm) -> dict:
@@ -399,13 +405,7 @@ def test_engine_sparsegpt_2of4_w4_packed_on_stories(stories_dir):
     batches = calib_batches(lm, n=8, length=64)
     run_sequential(lm, lm.arch, batches, sparsegpt,
                    NS(sparsity=0.5, pattern="2:4", bits=4, group_size=32, targets=None, ignore=r"lm_head$"))
-    kept = total = 0
-    for name, mod in block_linears(lm).items():
-        assert isinstance(mod, PackedLinear) and mod.bits == 4, name
-        w = mod.dequantize()
-        assert_nm(w, 2, 4, exact=False)
-        kept, total = kept + int((w != 0).sum()), total + w.numel()
-    assert 0.48 * total < kept <= 0.5 * total
+    assert_packed_2of4(lm)
     with torch.no_grad():
         assert torch.isfinite(lm.model(batches[0]).logits).all()
 
