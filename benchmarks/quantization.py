@@ -120,17 +120,26 @@ def measure(base, name, steps, text, a):
             "decode_tokens_per_s": b["decode_tokens_per_s"], "threads": a.threads, **extra}
 
 
-def table(rows, a, model):
-    head = ("| recipe | bits/weight (file) | perplexity | KLD | top-1 | zero-shot acc | decode tok/s |\n"
-            "|---|---|---|---|---|---|---|")
-    lines = [f"| {r['recipe']} | {r['bits_per_weight']:.2f} | {r['perplexity']:.3f} | {r['kld']:.4f} | "
-             f"{r['top1_agreement']:.3f} | {r['zero_shot_avg_acc']:.3f} | {r['decode_tokens_per_s']:.1f} |"
-             for r in rows]
+def table(rows, a, model, speed_rows=()):
+    """The markdown table; decode/prefill columns from the --speed-threads rows when there are any."""
+    speed = {r["recipe"]: r for r in speed_rows}
+    threads = sorted({k.rsplit("_t", 1)[1] for r in speed_rows for k in r if k.startswith("decode_tokens_per_s_t")})
+    cols = [f"decode tok/s, {t} thr" for t in threads] + [f"prefill tok/s, {t} thr" for t in threads]
+    head = ("| recipe | bits/weight (file) | perplexity | KLD | ± | top-1 | zero-shot acc | compress s |"
+            + "".join(f" {c} |" for c in cols) + "\n|" + "---|" * (8 + len(cols)))
+    lines = []
+    for r in rows:
+        sp = speed.get(r["recipe"], {})
+        cells = [sp.get(f"decode_tokens_per_s_t{t}") for t in threads] + \
+            [sp.get(f"prefill_tokens_per_s_t{t}") for t in threads]
+        lines.append(f"| {r['recipe']} | {r['bits_per_weight']:.2f} | {r['perplexity']:.3f} | {r['kld']:.4f} | "
+                     f"{r['kld_stderr']:.4f} | {r['top1_agreement']:.3f} | {r['zero_shot_avg_acc']:.3f} | "
+                     f"{r['compress_s']:.1f} |" + "".join(" |" if c is None else f" {c:.1f} |" for c in cells))
     note = (f"\n{model}; WikiText-2 test, first {a.windows} windows of {a.ctx} (llama.cpp protocol, "
-            f"{rows[0]['tokens']:,} tokens scored); KLD and top-1 against the base (the shipped weights in fp32); "
-            f"zero-shot: mean acc over {a.tasks} with --limit {a.limit}; decode: greedy, {a.threads} threads, "
-            f"64-token prompt, 32 new tokens, median of 3 (transformers forward; packed-int layers dequantize "
-            f"on the fly until native kernels land).")
+            f"{rows[0]['tokens']:,} tokens scored); KLD (± its standard error) and top-1 against the base (the "
+            f"shipped weights in fp32); zero-shot: mean acc over {a.tasks} with --limit {a.limit}"
+            + ("; speed: lmpress bench (64-token prompt, 64 greedy tokens), medians of round-robin rounds over "
+               "all recipes (--speed-threads)." if speed_rows else "."))
     return "\n".join([head, *lines]) + "\n" + note
 
 
@@ -148,6 +157,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--no-bench", action="store_true", help="skip decode timing (e.g. on a busy machine)")
     ap.add_argument("--speed-threads", help="only decode/prefill speed, at these thread counts (e.g. 1,2)")
+    ap.add_argument("--report", action="store_true", help="only print the table from the JSONL files")
     ap.add_argument("--speed-repeats", type=int, default=5, help="bench repeats of --speed-threads runs (median)")
     ap.add_argument("--subprocess", action="store_true", help="compress with `lmpress compress` in a child process")
     ap.add_argument("--calib", default="builtin:128x512", help="calibration of --subprocess runs")
@@ -158,6 +168,11 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["recipe"]: json.loads(line) for line in out.read_text().splitlines()} \
         if out.exists() else {}
+    speed_file = out.with_name(out.stem + "-speed.jsonl")
+    if a.report:
+        speed_rows = [json.loads(line) for line in speed_file.read_text().splitlines()] if speed_file.exists() else []
+        print(table([done[n] for n in a.recipes.split(",") if n in done], a, Path(a.model).name, speed_rows))
+        return
     base = lmpress.load(a.model)
     if a.speed_threads:
         rows = speed(base, a.recipes.split(","), a)
@@ -167,7 +182,7 @@ def main():
             print(f"| {r['recipe']} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
         print(f"\n{Path(a.model).name}; greedy decode of 64 tokens after a 64-token prompt, median of "
               f"{a.speed_repeats} round-robin rounds, lmpress bench (its runtime engine over lmpress modules)")
-        with open(out.with_name(out.stem + "-speed.jsonl"), "a") as fh:
+        with open(speed_file, "a") as fh:
             for r in rows:
                 fh.write(json.dumps({**r, "speed_repeats": a.speed_repeats}) + "\n")
         return
