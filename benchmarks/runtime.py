@@ -106,12 +106,15 @@ path, threads, P, gen, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 llm = Llama(model_path=path, n_ctx=P + gen + 8, n_batch=P, n_threads=threads, n_threads_batch=threads, verbose=False)
 rng = np.random.default_rng(1234)
 prompt = [llm.token_bos()] + [int(t) for t in rng.integers(0, llm.n_vocab(), P - 1)]
+# llama-cpp-python 0.3.x keeps no logits in llm.scores unless logits_all=True (which would compute the head on
+# every prompt token): read the context's output row of the last evaluated token directly
+last = lambda: np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 pre, dec = [], []
 for r in range(repeats + 1):
     llm.reset(); t0 = time.perf_counter(); llm.eval(prompt); t1 = time.perf_counter()
-    tok = int(np.argmax(llm.scores[P - 1])); t2 = time.perf_counter()
+    tok = int(np.argmax(last())); t2 = time.perf_counter()
     for _ in range(gen):
-        llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([tok]); tok = int(np.argmax(last()))
     t3 = time.perf_counter()
     if r:
         pre.append(P / (t1 - t0)); dec.append(gen / (t3 - t2))
