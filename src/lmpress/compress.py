@@ -218,9 +218,7 @@ DEFAULT_CALIB = "builtin:128x512"
 def parse_calib(spec: str) -> tuple[str, int, int]:
     """"SOURCE:NxL" → (source, N samples, L tokens each). SOURCE: builtin, self (text the model generates from
     BOS: data-free), a text file or FILE.jsonl[:FIELD]; ":NxL" may be left out (128x512)."""
-    import re as _re
-
-    m = _re.fullmatch(r"(.+?)(?::(\d+)x(\d+))?", str(spec))
+    m = re.fullmatch(r"(.+?)(?::(\d+)x(\d+))?", str(spec))
     source, n, length = m.group(1), int(m.group(2) or 128), int(m.group(3) or 512)
     if n < 1 or length < 2:
         raise BadInput(f"--calib {spec}: needs at least 1 sample of at least 2 tokens")
