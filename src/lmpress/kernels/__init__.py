@@ -22,6 +22,12 @@ llama.cpp's Q8_0) once per call and takes integer dot products (vpmaddubsw, or v
 that rounding. PackedLinear uses "q8" for inputs of up to MAX_ROWS rows by default (nn/packed.py).
 reference.py holds a plain-torch twin of each kernel, used by the tests.
 
+The fused decode step (csrc/decode.cpp) runs one token through a whole Llama-family model in one call, the GIL
+released, for NativeRunner.decode of one row: decode_plan() registers the model once — per layer a descriptor of
+raw buffer addresses (fused_packed, fused_w8a8, fused_float: the same kernels and activation arithmetic as those
+layers' own forward), the norms, RoPE tables and KV caches — and decode_step() writes one token's logits. The
+caller keeps every tensor a plan points into alive, and unchanged in place, for as long as it uses the plan.
+
 Instruction paths, chosen at run time: "vnni" (AVX2 + AVX512-VNNI/VL on 256-bit registers), "avx2" (AVX2 + FMA +
 F16C) and "scalar" (portable C++, any CPU). Other widths (int2/3/5/6/7) have no native kernel: their layers keep
 the dequantize-then-matmul arithmetic, as do inputs with more than MAX_ROWS rows (prefill: a float matmul
@@ -29,7 +35,7 @@ is compute-bound there and as fast); on CPU float32 inputs without gradients the
 (dequantize_packed). Inputs that need gradients and non-CPU or non-float32 inputs take the torch reference.
 
 Switches (for benchmarks and tests; nothing global is needed in normal use):
-  LMPRESS_KERNELS=0          never use the native kernels (the reference path everywhere); read at import
+  LMPRESS_KERNELS=0          never use the native kernels (the reference path everywhere, no fused decode); read at import
                              into ENABLED, which tests may set directly
   LMPRESS_KERNELS_ISA=scalar cap the instruction path (scalar, avx2 or vnni; ISA_CAP); or isa= per call
   set_num_threads(n)         the kernels' threads (default: torch.get_num_threads() at each call)
@@ -175,6 +181,73 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     _native.w8a8(_ptr(x2), x2.shape[0], I, _ptr(qweight), O, _ptr(scales), _ptr(bias), _ptr(y), W8A8_MODES[mode],
                  float(in_scale), int(in_zero), _isa(isa), threads or get_num_threads())
     return _shaped(y, x)
+
+
+FUSED_KINDS = {"packed": 0, "w8a8": 1, "float": 2}  # linear layer kinds of the fused decode step (decode.cpp)
+
+
+def fused_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int | None,
+                 in_features: int, bias: torch.Tensor | None, act: str = "q8") -> tuple:
+    """A fused-decode descriptor of a PackedLinear weight (the storage of linear_packed; bits 4 or 8)."""
+    O = qweight.shape[0]
+    if bits not in (4, 8) or not group_ok(group_size, in_features) or scales.dtype != torch.float16 \
+            or zeros.dtype != torch.float16:
+        raise ValueError(f"no native kernel for bits={bits}, group_size={group_size}, in_features={in_features}")
+    return (FUSED_KINDS["packed"], in_features, O, _ptr(qweight), qweight.shape[1], bits, 1, _ptr(scales),
+            _ptr(zeros), 1, group_size or 0, _ptr(bias), ACTS[act], 0, 0.0, 0)
+
+
+def fused_w8a8(qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, mode: str = "dynamic",
+               in_scale: float = 0.0, in_zero: int = 0) -> tuple:
+    """A fused-decode descriptor of an Int8WeightLinear (linear_w8a8's storage and arithmetic; "dynamic" takes
+    one grid for the token's row, "static" the given one)."""
+    if mode not in ("dynamic", "static"):
+        raise ValueError(f"the fused decode step takes w8a8 modes dynamic and static; got {mode!r}")
+    O, I = qweight.shape
+    return (FUSED_KINDS["w8a8"], I, O, _ptr(qweight), I, 8, 0, _ptr(scales), 0, 0, 0, _ptr(bias), ACTS["f32"],
+            W8A8_MODES[mode], float(in_scale), int(in_zero))
+
+
+def fused_float(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """A fused-decode descriptor of a float32 weight [O, I] (nn.Linear): y = W·x + b in float32."""
+    if weight.dtype is not torch.float32 or (bias is not None and bias.dtype is not torch.float32):
+        raise ValueError(f"the fused decode step takes float32 weights; got {weight.dtype}")
+    O, I = weight.shape
+    return (FUSED_KINDS["float"], I, O, _ptr(weight), 0, 0, 0, 0, 0, 0, 0, _ptr(bias), 0, 0, 0.0, 0)
+
+
+def decode_plan(*, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float, embed: torch.Tensor,
+                final_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, head: tuple, layers: list[tuple]):
+    """The fused decode step's plan of a Llama-family model (an opaque capsule for decode_step).
+
+    embed float32 [vocab, D]; final_norm [D]; cos, sin [max_len, Dh] (the rotate-half tables, sin signed, as
+    NativeRunner builds them); k_cache, v_cache float32 [L, rows, KV, max_len, Dh] (row 0 is written and read);
+    head: a fused_* descriptor; layers: per block (attn_norm [D], mlp_norm [D], q, k, v, o, gate, up, down) with
+    fused_* descriptors. Every tensor must be contiguous and stay alive while the plan is used."""
+    t = (embed, final_norm, cos, sin, k_cache, v_cache)
+    if any(x.dtype is not torch.float32 or not x.is_cpu or not x.is_contiguous() for x in t):
+        raise ValueError("the fused decode step needs contiguous float32 CPU tensors")
+    D, max_len = embed.shape[1], cos.shape[0]
+    if k_cache.shape != v_cache.shape or k_cache.shape[2:] != (kv_heads, max_len, head_dim) \
+            or cos.shape != sin.shape or cos.shape[1] != head_dim or final_norm.numel() != D:
+        raise ValueError("the fused decode step's caches, tables and norm disagree with the model's dims")
+    rows = [(_ptr(an), _ptr(mn), *lins) for an, mn, *lins in layers]
+    if len(rows) != k_cache.shape[0] or any(an.numel() != D or mn.numel() != D for an, mn, *_ in layers):
+        raise ValueError("the fused decode step's layers disagree with the caches or the model's width")
+    return _native.decode_plan(D, heads, kv_heads, head_dim, embed.shape[0], max_len, eps, scale, _ptr(embed),
+                               _ptr(final_norm), _ptr(cos), _ptr(sin), _ptr(k_cache), _ptr(v_cache),
+                               k_cache.stride(0), k_cache.stride(2), head, rows)
+
+
+def decode_step(plan, token: int, pos: int, logits: torch.Tensor, isa: str | None = None,
+                threads: int | None = None) -> torch.Tensor:
+    """One token at position pos through a decode_plan: its k/v written into row 0 of the caches at pos, its
+    logits into `logits` (contiguous float32, at least the head's out_features elements), which is returned."""
+    if logits.dtype is not torch.float32:
+        raise ValueError(f"logits must be float32; got {logits.dtype}")
+    _native.decode_step(plan, token, pos, _ptr(logits), _isa(isa), threads or get_num_threads())
+    return logits
 
 
 def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,

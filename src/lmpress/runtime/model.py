@@ -20,21 +20,37 @@ nn.Module hooks; build the runner after compressing: it keeps references to the 
 Python cost is a few dozen torch calls per layer; `benchmarks/runtime.py --overhead` measures it on a model so
 small that the matmuls cost nothing.
 
+The fused decode step. For one row on CPU float32 (decode of B = 1, the common case) NativeRunner instead runs
+the whole token in one native call (lmpress.kernels.decode_plan / decode_step, csrc/decode.cpp): the same
+RMSNorm, RoPE tables, KV caches and GQA attention, and every projection on the kernel its layer's own forward
+takes, with the same activation arithmetic (PackedLinear int4/int8 "q8" or "f32", w8a8 dynamic and static,
+float32 nn.Linear), so it computes the per-op path's numbers up to float summation order. The plan is built
+at the first such call; a model with any other layer (int2/int3, sparse, unknown modules, fp16 weights) keeps
+the per-op path, and so do B > 1 rows, LMPRESS_KERNELS=0, and `runner.fused = False` or LMPRESS_FUSED=0 (read
+at import into FUSED) for benchmarks and tests. `fused_reason` says why a runner does not fuse. Like the per-op
+path, the plan reads the layers' tensors as they were when it was built: build the runner after compressing.
+
 HFRunner is the reference path for every other family: transformers' own forward with one DynamicCache
 per row (rows decode one after another: correct, not fast).
 """
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..errors import BadInput, UnsupportedModel
+from ..nn.int8_dynamic import Int8DynamicLinear
+from ..nn.int8_static import Int8StaticLinear
+from ..nn.packed import PackedLinear
 
 NATIVE_FAMILIES = ("llama", "qwen2", "mistral")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # frequencies fixed at load, not by sequence length
+FUSED = os.environ.get("LMPRESS_FUSED", "1") != "0"   # the fused decode step by default (module docstring)
 
 
 def default_max_len(lm, max_len: int | None) -> int:
@@ -92,20 +108,45 @@ def projection(mod: torch.nn.Module):
     return mod.forward
 
 
+def _cpu_f32(*ts) -> bool:
+    return all(t is None or (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()) for t in ts)
+
+
+def fused_linear(mod: torch.nn.Module) -> tuple[tuple, list] | None:
+    """(descriptor, tensors it points into) of a linear layer the fused decode step runs with its own forward's
+    arithmetic, or None for any other layer (the runner then keeps the per-op path)."""
+    t, b = type(mod), getattr(mod, "bias", None)
+    if t is torch.nn.Linear and _cpu_f32(mod.weight, b):
+        return kernels.fused_float(mod.weight, b), [mod.weight, b]
+    if t is PackedLinear and mod._kernel_args()[0] is not None:  # a layer the GEMV kernels take
+        act = "q8" if mod.native_act == "q8" else "f32"
+        return (kernels.fused_packed(mod.qweight, mod.scales, mod.zeros, mod.bits, mod.group_size, mod.in_features,
+                                     b, act), [mod.qweight, mod.scales, mod.zeros, b])
+    if t in (Int8DynamicLinear, Int8StaticLinear) and mod.qweight.is_contiguous() and mod.qweight.is_cpu \
+            and _cpu_f32(mod.scales, b):
+        # one row: fbgemm's dynamic grid is that row's own, which linear_w8a8 "dynamic" computes bit for bit
+        grid = ("dynamic",) if t is Int8DynamicLinear else ("static", *mod.input_qparams())
+        return kernels.fused_w8a8(mod.qweight, mod.scales, b, *grid), [mod.qweight, mod.scales, b]
+    return None
+
+
 class _Layer:
     """One block's pieces, looked up once through the ArchSpec (plain attributes: no per-call lookups)."""
 
-    __slots__ = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down")
+    __slots__ = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "mods")
 
     def __init__(self, spec, block):
         self.attn_norm = spec.get(block, spec.attn_norm).weight
         self.mlp_norm = spec.get(block, spec.mlp_norm).weight
-        self.q, self.k, self.v, self.o = (projection(spec.get(block, p)) for p in (spec.q, spec.k, spec.v, spec.o))
-        self.gate, self.up, self.down = (projection(spec.get(block, p)) for p in (spec.gate, spec.up, spec.down))
+        self.mods = tuple(spec.get(block, p) for p in (spec.q, spec.k, spec.v, spec.o, spec.gate, spec.up, spec.down))
+        self.q, self.k, self.v, self.o, self.gate, self.up, self.down = (projection(m) for m in self.mods)
 
 
 class NativeRunner:
     native = True
+    fused = FUSED        # the fused decode step for one row when the model allows it (module docstring)
+    fused_reason = None  # why not, once a decode found the model cannot take it
+    _plan = None         # (capsule, tensors it points into, logits size) once built; False: the model cannot
 
     def __init__(self, lm, max_batch: int = 1, max_len: int | None = None):
         why = native_support(lm)
@@ -123,7 +164,8 @@ class NativeRunner:
         self.scale = self.head_dim ** -0.5
         self.embed = spec.get(model, spec.embed)
         self.final_norm = spec.get(model, spec.final_norm).weight
-        self.lm_head = projection(spec.get(model, spec.lm_head))
+        self._head = spec.get(model, spec.lm_head)
+        self.lm_head = projection(self._head)
         self.layers = [_Layer(spec, b) for b in spec.block_list(model)]
 
         # RoPE tables [max_len, head_dim] in the rotate-half layout: out = x·cos + roll(x, half)·sin_signed,
@@ -187,6 +229,8 @@ class NativeRunner:
     def decode(self, ids: torch.Tensor, pos) -> torch.Tensor:
         """ids [B] (rows 0..B-1), pos an int (all rows) or a sequence/tensor of B positions."""
         B = ids.shape[0]
+        if B == 1 and self.fused and kernels.ENABLED and (self._plan or self._plan is None and self._build_plan()):
+            return self._decode_fused(int(ids[0]), pos if isinstance(pos, int) else int(torch.as_tensor(pos).reshape(-1)[0]))
         H, KV, G, Dh = self.n_heads, self.n_kv, self.group, self.head_dim
         if isinstance(pos, int):
             p = torch.tensor([pos], device=self.device)
@@ -222,6 +266,44 @@ class NativeRunner:
             h = self._norm(x, L.mlp_norm)
             x = x + L.down(F.silu(L.gate(h)) * L.up(h))
         return self.lm_head(self._norm(x, self.final_norm)).float()
+
+    def _decode_fused(self, token: int, pos: int) -> torch.Tensor:
+        check_fits(self, 1, pos + 1)
+        plan, _, V = self._plan
+        cap = kernels.ISA_CAP
+        logits = torch.empty(1, V)
+        kernels._native.decode_step(plan, token, pos, logits.data_ptr(), kernels._isa(cap) if cap else -1,
+                                    kernels._threads or torch.get_num_threads())
+        return logits
+
+    def _build_plan(self) -> bool:
+        """Register the model with the fused decode step (self._plan), or say why it cannot (fused_reason)."""
+        self._plan, why = False, None
+        mods = [self._head] + [m for L in self.layers for m in L.mods]
+        descs = [fused_linear(m) for m in mods]
+        embed = getattr(self.embed, "weight", None)
+        norms = [self.final_norm] + [w for L in self.layers for w in (L.attn_norm, L.mlp_norm)]
+        if self.device.type != "cpu" or self.dtype is not torch.float32:
+            why = f"the fused decode step runs float32 models on the CPU (this one: {self.dtype} on {self.device})"
+        elif not kernels.available():
+            why = "the native kernels are not available"
+        elif type(self.embed) is not torch.nn.Embedding or not _cpu_f32(embed, *norms):
+            why = "the embedding or a norm is not a plain float32 tensor"
+        elif any(d is None for d in descs):
+            bad = next(m for m, d in zip(mods, descs) if d is None)
+            why = f"no fused kernel for {type(bad).__name__} layers ({bad.extra_repr()})"
+        if why:
+            self.fused_reason = why
+            return False
+        head, *blocks = descs
+        layers = [(L.attn_norm, L.mlp_norm, *(d[0] for d in blocks[7 * i:7 * i + 7])) for i, L in enumerate(self.layers)]
+        plan = kernels.decode_plan(heads=self.n_heads, kv_heads=self.n_kv, head_dim=self.head_dim, eps=self.eps,
+                                   scale=self.scale, embed=embed, final_norm=self.final_norm, cos=self.cos,
+                                   sin=self.sin, k_cache=self.k_cache, v_cache=self.v_cache, head=head[0],
+                                   layers=layers)
+        keep = [embed, self.cos, self.sin, self.k_cache, self.v_cache, *norms, *(t for d in descs for t in d[1])]
+        self._plan = (plan, keep, head[0][2])
+        return True
 
     def _rope_matrices(self, p: torch.Tensor) -> torch.Tensor:
         """[len(p), Dh, Dh] matrices R with x·R = x·cos + roll(x, half)·sin_signed at each position of p."""

@@ -25,6 +25,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace lmp {
 
@@ -106,6 +107,23 @@ inline float load_param(const void* base, bool f16, int64_t idx) {
 // float32 steps as quant.primitives.dequantize (dequant.cpp). zeros may be null (0).
 void dequantize(const uint8_t* w, int64_t row_bytes, int64_t O, int64_t I, int bits, const void* scales,
                 const void* zeros, bool sf16, int64_t group, float* out, int isa, int threads);
+
+// The prepared activations of one call (above), in buffers reused from call to call.
+struct Acts {
+    std::vector<float> xf, xd, xdv, xsum, xs;  // xs: w8a8 per-token scaled input (module.cpp)
+    std::vector<int8_t> xq;
+    std::vector<int32_t> xc;
+};
+
+// module.cpp: the instruction path to take (want < 0 or above this CPU's best: the best); x [M, I] → p's
+// activations (ACT_F32 or ACT_Q8) in s; rows [o0, o1) of p on that path.
+int clamp_isa(int want);
+void prepare(Problem& p, const float* x, int isa, Acts& s);
+void rows(const Problem& p, int isa, int64_t o0, int64_t o1);
+// ACT_Q8T activations of x [M, I] for w8a8 (p.ng = 1, p.nblk set): mode 0 one dynamic uint8 grid for the whole
+// input, 1 the same after dividing each row by its max |x| (divisors into r), 2 the static grid (in_scale,
+// in_zero); fbgemm's rounding (module.cpp)
+void prepare_w8a8(Problem& p, const float* x, int mode, double in_scale, int in_zero, Acts& s, std::vector<float>& r);
 
 // Threads: run fn(ctx, begin, end) over [0, n) split in chunks, on up to `threads` threads (caller included).
 void parallel_for(int64_t n, int64_t chunk, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx);

@@ -6,6 +6,7 @@
 //                                     PyTorch's fbgemm dynamic/static quantized linear (nn/int8_dynamic.py)
 //   dequant(...)                      packed codes of any width 2..8 → float32 [O, I], bit for bit
 //                                     quant.primitives.dequantize (dequant.cpp)
+//   decode_plan(...), decode_step(...) one whole decode step of a Llama-family model in one call (decode.cpp)
 // Argument checking (shapes, dtypes, contiguity) is the Python wrapper's job (lmpress/kernels/__init__.py).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,38 +33,65 @@ int detect_isa() {
 #endif
 }
 
-struct Work {
-    const Problem* p;
-    int isa;
-};
-
 void run_rows(void* ctx, int64_t o0, int64_t o1) {
-    const Work& w = *static_cast<const Work*>(ctx);
-#ifdef LMP_X86
-    if (w.isa == ISA_VNNI) return rows_vnni(*w.p, o0, o1);
-    if (w.isa == ISA_AVX2) return rows_avx2(*w.p, o0, o1);
-#endif
-    rows_scalar(*w.p, o0, o1);
+    const auto& w = *static_cast<const std::pair<const Problem*, int>*>(ctx);
+    rows(*w.first, w.second, o0, o1);
 }
 
 void run(const Problem& p, int isa, int threads) {
-    Work w{&p, isa};
+    std::pair<const Problem*, int> w{&p, isa};
     const int64_t chunk = std::max<int64_t>(8, (p.O + 4 * threads - 1) / (4 * threads));  // a few chunks per thread
     parallel_for(p.O, chunk, threads, run_rows, &w);
 }
 
 // Scratch for the prepared activations, reused across calls of one Python thread.
-struct Scratch {
-    std::vector<float> xf, xd, xdv, xsum;
-    std::vector<int8_t> xq;
-    std::vector<int32_t> xc;
-};
-thread_local Scratch scratch;
+thread_local Acts scratch;
+
+// ATen's quant_utils::ChooseQuantizationParams(min, max, 0, qmax, preserve_sparsity=false, pow2=false), as
+// transcribed in nn/int8_dynamic.py kernel_qparams: double arithmetic, float32 roundings where ATen has them.
+void choose_qparams(double x_min, double x_max, double qmax, float& scale_out, int& zp_out) {
+    const double qmin = 0.0;
+    double lo = std::min(x_min, 0.0), hi = std::max(x_max, 0.0);
+    double scale = (hi - lo) / (qmax - qmin);
+    if (static_cast<float>(scale) == 0.f || std::isinf(static_cast<float>(1.0 / static_cast<float>(scale)))) scale = 0.1;
+    const double small = static_cast<float>(6.1e-5);
+    if (scale < small) {
+        const double org = scale;
+        scale = small;
+        if (lo == 0.0) hi = static_cast<float>(small * (qmax - qmin));
+        else if (hi == 0.0) lo = static_cast<float>(-small * (qmax - qmin));
+        else {
+            const double amp = static_cast<float>(small / static_cast<float>(org));
+            lo = static_cast<float>(lo * amp);
+            hi = static_cast<float>(hi * amp);
+        }
+    }
+    const double zp_min = qmin - lo / scale, zp_max = qmax - hi / scale;
+    const double err_min = std::fabs(qmin) - std::fabs(lo / scale), err_max = std::fabs(qmax) - std::fabs(hi / scale);
+    const double zp0 = err_min < err_max ? zp_min : zp_max;
+    zp_out = zp0 < qmin ? int(qmin) : zp0 > qmax ? int(qmax) : int(std::nearbyint(zp0));
+    scale_out = static_cast<float>(scale);
+}
+
+}  // namespace
+
+int clamp_isa(int want) {
+    static const int best = detect_isa();
+    return want < 0 || want > best ? best : want;
+}
+
+void rows(const Problem& p, int isa, int64_t o0, int64_t o1) {
+#ifdef LMP_X86
+    if (isa == ISA_VNNI) return rows_vnni(p, o0, o1);
+    if (isa == ISA_AVX2) return rows_avx2(p, o0, o1);
+#endif
+    (void)isa;
+    rows_scalar(p, o0, o1);
+}
 
 // x [M, I] → the prepared activations of kernels.h for weight-only layers.
-void prepare(Problem& p, const float* x, int isa) {
+void prepare(Problem& p, const float* x, int isa, Acts& s) {
     const int64_t P = p.nblk * BLK, gcols = p.ng == 1 ? p.I : p.group;
-    Scratch& s = scratch;
     const bool perm = p.bits == 4;
     auto at = [&](int64_t c) { return (c & ~int64_t(BLK - 1)) + (perm ? perm4(int(c & (BLK - 1))) : (c & (BLK - 1))); };
     if (p.act == ACT_F32) {
@@ -97,39 +125,51 @@ void prepare(Problem& p, const float* x, int isa) {
     p.xsum = s.xsum.data();
 }
 
-// ATen's quant_utils::ChooseQuantizationParams(min, max, 0, qmax, preserve_sparsity=false, pow2=false), as
-// transcribed in nn/int8_dynamic.py kernel_qparams: double arithmetic, float32 roundings where ATen has them.
-void choose_qparams(double x_min, double x_max, double qmax, float& scale_out, int& zp_out) {
-    const double qmin = 0.0;
-    double lo = std::min(x_min, 0.0), hi = std::max(x_max, 0.0);
-    double scale = (hi - lo) / (qmax - qmin);
-    if (static_cast<float>(scale) == 0.f || std::isinf(static_cast<float>(1.0 / static_cast<float>(scale)))) scale = 0.1;
-    const double small = static_cast<float>(6.1e-5);
-    if (scale < small) {
-        const double org = scale;
-        scale = small;
-        if (lo == 0.0) hi = static_cast<float>(small * (qmax - qmin));
-        else if (hi == 0.0) lo = static_cast<float>(-small * (qmax - qmin));
-        else {
-            const double amp = static_cast<float>(small / static_cast<float>(org));
-            lo = static_cast<float>(lo * amp);
-            hi = static_cast<float>(hi * amp);
+
+void prepare_w8a8(Problem& p, const float* xin, int mode, double in_scale, int in_zero, Acts& s, std::vector<float>& r) {
+    const int64_t M = p.M, I = p.I, P = p.nblk * BLK;
+    const float* xs = xin;
+    if (mode == 1) {  // per-token divisors
+        r.assign(M, 0.f);
+        s.xs.resize(M * I);
+        for (int64_t m = 0; m < M; ++m) {
+            float a = 0.f;
+            for (int64_t c = 0; c < I; ++c) a = std::max(a, std::fabs(xin[m * I + c]));
+            r[m] = std::max(a, 1e-30f);
+            for (int64_t c = 0; c < I; ++c) s.xs[m * I + c] = xin[m * I + c] / r[m];
         }
+        xs = s.xs.data();
     }
-    const double zp_min = qmin - lo / scale, zp_max = qmax - hi / scale;
-    const double err_min = std::fabs(qmin) - std::fabs(lo / scale), err_max = std::fabs(qmax) - std::fabs(hi / scale);
-    const double zp0 = err_min < err_max ? zp_min : zp_max;
-    zp_out = zp0 < qmin ? int(qmin) : zp0 > qmax ? int(qmax) : int(std::nearbyint(zp0));
-    scale_out = static_cast<float>(scale);
+    float scale;
+    int zp;
+    if (mode == 2) scale = static_cast<float>(in_scale), zp = in_zero;
+    else {
+        float lo = M > 0 && I > 0 ? xs[0] : 0.f, hi = lo;
+        for (int64_t i = 0; i < M * I; ++i) lo = std::min(lo, xs[i]), hi = std::max(hi, xs[i]);
+        choose_qparams(lo, hi, 127.0, scale, zp);
+    }
+    // quantize as fbgemm: fma(x, 1/scale, zp) in float32, ties to even, saturate; the kernel takes code − zp
+    const double inv = 1.0f / scale;
+    const int top = mode == 2 ? 127 : 255;
+    s.xq.assign(M * P, 0);
+    s.xd.assign(M, scale);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < I; ++c) {
+            const float t = static_cast<float>(static_cast<double>(xs[m * I + c]) * inv + zp);
+            const int q = std::min(std::max(static_cast<int>(std::nearbyintf(t)), 0), top) - zp;
+            s.xq[m * P + c] = static_cast<int8_t>(std::min(std::max(q, -128), 127));
+        }
+    p.xq = s.xq.data(), p.xd = s.xd.data(), p.xq_stride = P;
 }
+
+// decode.cpp
+PyObject* py_decode_plan(PyObject*, PyObject* args);
+PyObject* py_decode_step(PyObject*, PyObject* args);
+
+namespace {
 
 template <typename T>
 T* ptr(unsigned long long v) { return reinterpret_cast<T*>(static_cast<uintptr_t>(v)); }
-
-int clamp_isa(int want) {
-    static const int best = detect_isa();
-    return want < 0 || want > best ? best : want;
-}
 
 PyObject* py_isa(PyObject*, PyObject*) { return PyLong_FromLong(clamp_isa(-1)); }
 
@@ -154,7 +194,7 @@ PyObject* py_linear(PyObject*, PyObject* args) {
     }
     Py_BEGIN_ALLOW_THREADS
     const int use = clamp_isa(isa);
-    prepare(p, ptr<const float>(x), use);
+    prepare(p, ptr<const float>(x), use, scratch);
     run(p, use, std::max(threads, 1));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -175,43 +215,9 @@ PyObject* py_w8a8(PyObject*, PyObject* args) {
     p.w = ptr<const uint8_t>(w), p.row_bytes = I, p.w_unsigned = false;
     p.scales = ptr<const void>(scales), p.sf16 = false;
     p.bias = bias ? ptr<const float>(bias) : nullptr, p.y = ptr<float>(y);
-    const float* xin = ptr<const float>(x);
     Py_BEGIN_ALLOW_THREADS
-    Scratch& s = scratch;
-    const int64_t P = p.nblk * BLK;
     std::vector<float> r;  // per-token divisors (mode 1)
-    const float* xs = xin;
-    if (mode == 1) {
-        r.assign(M, 0.f);
-        s.xf.resize(M * I);
-        for (int64_t m = 0; m < M; ++m) {
-            float a = 0.f;
-            for (int64_t c = 0; c < I; ++c) a = std::max(a, std::fabs(xin[m * I + c]));
-            r[m] = std::max(a, 1e-30f);
-            for (int64_t c = 0; c < I; ++c) s.xf[m * I + c] = xin[m * I + c] / r[m];
-        }
-        xs = s.xf.data();
-    }
-    float scale;
-    int zp;
-    if (mode == 2) scale = static_cast<float>(in_scale), zp = in_zero;
-    else {
-        float lo = M > 0 && I > 0 ? xs[0] : 0.f, hi = lo;
-        for (int64_t i = 0; i < M * I; ++i) lo = std::min(lo, xs[i]), hi = std::max(hi, xs[i]);
-        choose_qparams(lo, hi, 127.0, scale, zp);
-    }
-    // quantize as fbgemm: fma(x, 1/scale, zp) in float32, ties to even, saturate; the kernel takes code − zp
-    const double inv = 1.0f / scale;
-    const int top = mode == 2 ? 127 : 255;
-    s.xq.assign(M * P, 0);
-    s.xd.assign(M, scale);
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t c = 0; c < I; ++c) {
-            const float t = static_cast<float>(static_cast<double>(xs[m * I + c]) * inv + zp);
-            const int q = std::min(std::max(static_cast<int>(std::nearbyintf(t)), 0), top) - zp;
-            s.xq[m * P + c] = static_cast<int8_t>(std::min(std::max(q, -128), 127));
-        }
-    p.xq = s.xq.data(), p.xd = s.xd.data(), p.xq_stride = P;
+    prepare_w8a8(p, ptr<const float>(x), mode, in_scale, in_zero, scratch, r);
     run(p, clamp_isa(isa), std::max(threads, 1));
     if (mode == 1)  // y = W·(x/r) + b → (y − b)·r + b, float32 steps as the Python wrapper
         for (int64_t m = 0; m < M; ++m)
@@ -248,6 +254,8 @@ PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, "weight-only int4/int8 linear on raw buffers (see lmpress.kernels)"},
     {"dequant", py_dequant, METH_VARARGS, "packed codes (bits 2..8) to a float32 weight on raw buffers"},
     {"w8a8", py_w8a8, METH_VARARGS, "fbgemm-compatible int8 linear on raw buffers (see lmpress.kernels)"},
+    {"decode_plan", py_decode_plan, METH_VARARGS, "a Llama-family model's fused decode plan (see lmpress.kernels)"},
+    {"decode_step", py_decode_step, METH_VARARGS, "one fused decode step of one token (see lmpress.kernels)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "lmpress native kernels", -1, methods};

@@ -1,0 +1,439 @@
+// The fused decode step: one token through a whole Llama-family model (Llama, Qwen2, Mistral) in one native call,
+// for NativeRunner.decode of a single row. The per-op path costs ~15 torch/native calls per block from Python
+// (~200 µs of dispatch per block); here the whole step runs with the GIL released:
+//
+//   x = embed[token]                                                       x [D]
+//   per block: h = rmsnorm(x)·w_attn; q, k, v = W_q h (+b), W_k h (+b), W_v h (+b)    q [H·Dh], k/v [KV·Dh]
+//              RoPE on q and k at `pos` (rotate-half: out[j] = v[j]·cos[j] + v[(j + Dh/2) mod Dh]·sin_signed[j])
+//              k, v → the caches at pos; a = softmax(q·Kᵀ·scale)·V over positions 0..pos, the G = H/KV query
+//              heads of a kv head sharing it (float32 softmax)
+//              x += W_o a; h = rmsnorm(x)·w_mlp; x += W_down (silu(W_gate h) · W_up h)
+//   logits = W_head (rmsnorm(x)·w_final)                                   logits [V]
+//
+// Linear layers are descriptors over the torch tensors NativeRunner keeps alive (raw addresses, as module.cpp
+// takes them): LIN_Q the weight-only int4/int8 kernels of module.cpp (a Problem, activations "f32" or "q8"
+// exactly as the layer's own forward prepares them), LIN_W8A8 the fbgemm-compatible int8 kernel (one dynamic
+// uint8 grid for the row, or the layer's static one), LIN_F32 a float32 weight [O, I] (nn.Linear; the GEMV
+// below). The layers sharing an input (q/k/v, gate/up) run as one parallel_for over their rows together, and
+// share prepared activations when their layouts agree. The numbers equal the per-op path's up to float summation
+// order (norms, attention, float GEMVs); the quantized GEMVs see the same activations and run the same kernels.
+//
+//   decode_plan(dims..., head, layers) -> capsule      the model, once (NativeRunner builds it lazily)
+//   decode_step(plan, token, pos, logits_addr, isa, threads)   one token; logits float32 [V] written there
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "kernels.h"
+#ifdef LMP_X86
+#include <immintrin.h>
+#define LMP_AVX2_FN __attribute__((target("avx2,fma")))
+#endif
+
+namespace lmp {
+namespace {
+
+enum LinKind { LIN_Q = 0, LIN_W8A8 = 1, LIN_F32 = 2 };
+
+struct Lin {
+    int kind = LIN_F32;
+    Problem p{};            // LIN_Q, LIN_W8A8: weights, shapes and activation mode (M = 1)
+    int mode = 0;           // LIN_W8A8: 0 dynamic grid, 2 static (in_scale, in_zero)
+    double in_scale = 0.0;
+    int in_zero = 0;
+    const float* w = nullptr;     // LIN_F32: [O, I]
+    const float* bias = nullptr;  // LIN_F32: [O] or null
+    int64_t I = 0, O = 0;
+};
+
+struct Layer {
+    const float *attn_norm, *mlp_norm;
+    Lin q, k, v, o, gate, up, down;
+};
+
+struct Plan {
+    int64_t D, H, KV, Dh, F, V, vocab_rows, max_len;
+    float eps, scale;
+    const float *embed, *final_norm, *cos, *sin;  // embed [vocab_rows, D]; cos, sin [max_len, Dh]
+    float *kc, *vc;                               // [L, rows, KV, max_len, Dh]: row 0 at these strides
+    int64_t layer_stride, head_stride;
+    std::vector<Layer> layers;
+    Lin head;
+    std::vector<float> x, h, q, k, v, att, gate, up, tmp, scores, rot;
+    Acts acts[3];
+    std::vector<float> r;  // unused w8a8 per-token divisors
+    std::mutex mu;         // one step at a time per plan (the scratch above is the plan's)
+};
+
+// ---- float helpers (AVX2 + FMA where the instruction path allows it, plain loops otherwise) -------------------
+
+float dot_scalar(const float* a, const float* b, int64_t n) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+void axpy_scalar(float a, const float* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+void f32_rows_scalar(const Lin& L, const float* x, float* y, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) y[o] = dot_scalar(L.w + o * L.I, x, L.I) + (L.bias ? L.bias[o] : 0.f);
+}
+
+#ifdef LMP_X86
+LMP_AVX2_FN inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+LMP_AVX2_FN float dot_avx2(const float* a, const float* b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+LMP_AVX2_FN void axpy_avx2(float a, const float* x, float* y, int64_t n) {
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// Rows [o0, o1) of y = W x + b, 4 rows per pass over x with two accumulators each (the loads, not the FMA
+// latency, bound it; a large float head is bound by memory bandwidth anyway).
+LMP_AVX2_FN void f32_rows_avx2(const Lin& L, const float* x, float* y, int64_t o0, int64_t o1) {
+    const int64_t I = L.I, I16 = I & ~int64_t(15);
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        const float* w[4] = {L.w + o * I, L.w + (o + 1) * I, L.w + (o + 2) * I, L.w + (o + 3) * I};
+        __m256 a[4][2];
+        for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < I16; i += 16) {
+            const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+            for (int r = 0; r < 4; ++r) {
+                a[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + i), x0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + i + 8), x1, a[r][1]);
+            }
+        }
+        for (int r = 0; r < 4; ++r) {
+            float s = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
+            for (int64_t i = I16; i < I; ++i) s += w[r][i] * x[i];
+            y[o + r] = s + (L.bias ? L.bias[o + r] : 0.f);
+        }
+    }
+    for (; o < o1; ++o) y[o] = dot_avx2(L.w + o * I, x, I) + (L.bias ? L.bias[o] : 0.f);
+}
+#endif
+
+float dot(const float* a, const float* b, int64_t n, int isa) {
+#ifdef LMP_X86
+    if (isa >= ISA_AVX2) return dot_avx2(a, b, n);
+#endif
+    (void)isa;
+    return dot_scalar(a, b, n);
+}
+
+void axpy(float a, const float* x, float* y, int64_t n, int isa) {
+#ifdef LMP_X86
+    if (isa >= ISA_AVX2) return axpy_avx2(a, x, y, n);
+#endif
+    (void)isa;
+    axpy_scalar(a, x, y, n);
+}
+
+// ---- linear layers ------------------------------------------------------------------------------------------
+
+// Up to three layers reading one input, run as one range of rows (the concatenation of their outputs).
+struct Batch {
+    struct Job {
+        const Lin* lin;
+        Problem p;        // LIN_Q / LIN_W8A8: with its prepared activations and output
+        const float* x;   // LIN_F32
+        float* y;
+        int64_t start;    // first row in the batch's range
+    } jobs[3];
+    int n = 0, isa = 0;
+    int64_t total = 0;
+};
+
+void batch_rows(void* ctx, int64_t b, int64_t e) {
+    const Batch& B = *static_cast<const Batch*>(ctx);
+    for (int i = 0; i < B.n; ++i) {
+        const Batch::Job& j = B.jobs[i];
+        const int64_t lo = std::max(b, j.start) - j.start, hi = std::min(e, j.start + j.lin->O) - j.start;
+        if (lo >= hi) continue;
+        if (j.lin->kind != LIN_F32) rows(j.p, B.isa, lo, hi);
+#ifdef LMP_X86
+        else if (B.isa >= ISA_AVX2) f32_rows_avx2(*j.lin, j.x, j.y, lo, hi);
+#endif
+        else f32_rows_scalar(*j.lin, j.x, j.y, lo, hi);
+    }
+}
+
+// Whether two quantized layers read the same prepared activations of one input.
+bool same_acts(const Lin& a, const Lin& b) {
+    if (a.kind != b.kind || a.kind == LIN_F32 || a.p.I != b.p.I) return false;
+    if (a.kind == LIN_W8A8) return a.mode == b.mode && a.in_scale == b.in_scale && a.in_zero == b.in_zero;
+    return a.p.bits == b.p.bits && a.p.act == b.p.act && a.p.ng == b.p.ng && a.p.group == b.p.group;
+}
+
+// y_i = L_i x for up to three layers (x [I], y_i [O_i]).
+void linears(Plan& P, const float* x, std::initializer_list<std::pair<const Lin*, float*>> ls, int isa, int threads) {
+    Batch B;
+    B.isa = isa;
+    for (const auto& [lin, y] : ls) {
+        Batch::Job& j = B.jobs[B.n];
+        j.lin = lin, j.x = x, j.y = y, j.start = B.total;
+        if (lin->kind != LIN_F32) {
+            j.p = lin->p;
+            j.p.y = y;
+            const Batch::Job* prev = nullptr;
+            for (int i = 0; i < B.n && !prev; ++i)
+                if (same_acts(*B.jobs[i].lin, *lin)) prev = &B.jobs[i];
+            if (prev) {  // the activations an earlier layer of this input prepared
+                j.p.xf = prev->p.xf, j.p.xq = prev->p.xq, j.p.xd = prev->p.xd, j.p.xsum = prev->p.xsum;
+                j.p.xq_stride = prev->p.xq_stride, j.p.xdv = prev->p.xdv, j.p.xc = prev->p.xc;
+            } else if (lin->kind == LIN_W8A8) {
+                prepare_w8a8(j.p, x, lin->mode, lin->in_scale, lin->in_zero, P.acts[B.n], P.r);
+            } else {
+                prepare(j.p, x, isa, P.acts[B.n]);
+            }
+        }
+        B.total += lin->O;
+        ++B.n;
+    }
+    // a few chunks per thread, whole tiles of 8 rows
+    const int64_t chunk = (std::max<int64_t>(8, (B.total + 4 * threads - 1) / (4 * threads)) + 7) & ~int64_t(7);
+    parallel_for(B.total, chunk, threads, batch_rows, &B);
+}
+
+// ---- the other pieces ---------------------------------------------------------------------------------------
+
+// out = w · x / sqrt(mean(x²) + eps), as NativeRunner._norm (float32; the sum of squares in double)
+void rmsnorm(const float* x, const float* w, float* out, int64_t n, float eps) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+    const float r = 1.f / std::sqrt(eps + static_cast<float>(ss / static_cast<double>(n)));
+    for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+// RoPE in place on nh heads of Dh values at one position (cos, sin: that position's rows of the tables).
+void rope(float* v, int64_t nh, int64_t Dh, const float* cos, const float* sin, float* tmp) {
+    const int64_t half = Dh / 2;
+    for (int64_t h = 0; h < nh; ++h) {
+        float* a = v + h * Dh;
+        std::memcpy(tmp, a, Dh * sizeof(float));
+        for (int64_t j = 0; j < Dh; ++j) a[j] = tmp[j] * cos[j] + tmp[(j + half) % Dh] * sin[j];
+    }
+}
+
+struct AttnCtx {
+    const Plan* P;
+    const float *q, *K, *Vc;  // this layer's caches, row 0
+    float* out;
+    float* scores;            // [H, max_len]
+    int64_t len;
+    int isa;
+};
+
+// Query heads [h0, h1): softmax(q·kᵀ·scale) over positions 0..len−1 of the head's kv head, times V.
+void attn_heads(void* ctx, int64_t h0, int64_t h1) {
+    const AttnCtx& c = *static_cast<const AttnCtx*>(ctx);
+    const Plan& P = *c.P;
+    const int64_t Dh = P.Dh, G = P.H / P.KV;
+    for (int64_t h = h0; h < h1; ++h) {
+        const float* qh = c.q + h * Dh;
+        const float *K = c.K + (h / G) * P.head_stride, *V = c.Vc + (h / G) * P.head_stride;
+        float* s = c.scores + h * P.max_len;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < c.len; ++t) {
+            s[t] = dot(qh, K + t * Dh, Dh, c.isa) * P.scale;
+            mx = std::max(mx, s[t]);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < c.len; ++t) sum += (s[t] = std::exp(s[t] - mx));
+        float* o = c.out + h * Dh;
+        std::fill(o, o + Dh, 0.f);
+        for (int64_t t = 0; t < c.len; ++t) axpy(s[t], V + t * Dh, o, Dh, c.isa);
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < Dh; ++j) o[j] *= inv;
+    }
+}
+
+void step(Plan& P, int64_t token, int64_t pos, float* logits, int isa, int threads) {
+    const int64_t D = P.D, Dh = P.Dh, H = P.H, KV = P.KV;
+    float *x = P.x.data(), *h = P.h.data(), *q = P.q.data(), *k = P.k.data(), *v = P.v.data();
+    float *att = P.att.data(), *g = P.gate.data(), *u = P.up.data(), *t = P.tmp.data();
+    std::memcpy(x, P.embed + token * D, D * sizeof(float));
+    const float *cos = P.cos + pos * Dh, *sin = P.sin + pos * Dh;
+    for (size_t i = 0; i < P.layers.size(); ++i) {
+        const Layer& L = P.layers[i];
+        rmsnorm(x, L.attn_norm, h, D, P.eps);
+        linears(P, h, {{&L.q, q}, {&L.k, k}, {&L.v, v}}, isa, threads);
+        rope(q, H, Dh, cos, sin, P.rot.data());
+        rope(k, KV, Dh, cos, sin, P.rot.data());
+        float *K = P.kc + i * P.layer_stride, *V = P.vc + i * P.layer_stride;
+        for (int64_t j = 0; j < KV; ++j) {
+            std::memcpy(K + j * P.head_stride + pos * Dh, k + j * Dh, Dh * sizeof(float));
+            std::memcpy(V + j * P.head_stride + pos * Dh, v + j * Dh, Dh * sizeof(float));
+        }
+        AttnCtx ac{&P, q, K, V, att, P.scores.data(), pos + 1, isa};
+        // one head's work is (pos + 1)·Dh·4 flops: split across threads only when that pays for the hand-off
+        parallel_for(H, 1, (pos + 1) * Dh * H >= (1 << 16) ? threads : 1, attn_heads, &ac);
+        linears(P, att, {{&L.o, t}}, isa, threads);
+        for (int64_t j = 0; j < D; ++j) x[j] += t[j];
+        rmsnorm(x, L.mlp_norm, h, D, P.eps);
+        linears(P, h, {{&L.gate, g}, {&L.up, u}}, isa, threads);
+        const int64_t F = L.gate.O;
+        for (int64_t j = 0; j < F; ++j) g[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];  // silu(gate)·up
+        linears(P, g, {{&L.down, t}}, isa, threads);
+        for (int64_t j = 0; j < D; ++j) x[j] += t[j];
+    }
+    rmsnorm(x, P.final_norm, h, D, P.eps);
+    linears(P, h, {{&P.head, logits}}, isa, threads);
+}
+
+// ---- Python glue ----------------------------------------------------------------------------------------------
+
+template <typename T>
+T* addr(unsigned long long v) { return reinterpret_cast<T*>(static_cast<uintptr_t>(v)); }
+
+// A linear layer from its Python tuple (lmpress.kernels.decode_linear): (kind, I, O, weight, row_bytes, bits,
+// w_unsigned, scales, zeros, scales_f16, group, bias, act, mode, in_scale, in_zero).
+bool parse_lin(PyObject* t, Lin& L) {
+    unsigned long long w, scales, zeros, bias;
+    long long I, O, row_bytes, group;
+    int kind, bits, w_unsigned, sf16, act, mode, in_zero;
+    double in_scale;
+    if (!PyArg_ParseTuple(t, "iLLKLiiKKiLKiidi", &kind, &I, &O, &w, &row_bytes, &bits, &w_unsigned, &scales, &zeros,
+                          &sf16, &group, &bias, &act, &mode, &in_scale, &in_zero))
+        return false;
+    L.kind = kind, L.I = I, L.O = O, L.bias = bias ? addr<const float>(bias) : nullptr;
+    if (I <= 0 || O <= 0 || !w || kind < LIN_Q || kind > LIN_F32) {
+        PyErr_SetString(PyExc_ValueError, "lmpress decode plan: bad linear layer descriptor");
+        return false;
+    }
+    if (kind == LIN_F32) {
+        L.w = addr<const float>(w);
+        return true;
+    }
+    Problem& p = L.p;
+    p.M = 1, p.I = I, p.O = O, p.nblk = (I + BLK - 1) / BLK, p.w = addr<const uint8_t>(w), p.bias = L.bias;
+    if (kind == LIN_W8A8) {
+        p.bits = 8, p.act = ACT_Q8T, p.ng = 1, p.group = I, p.row_bytes = I, p.w_unsigned = false;
+        p.scales = addr<const void>(scales), p.sf16 = false;
+        L.mode = mode, L.in_scale = in_scale, L.in_zero = in_zero;
+        if (mode != 0 && mode != 2) {
+            PyErr_SetString(PyExc_ValueError, "lmpress decode plan: w8a8 mode must be 0 (dynamic) or 2 (static)");
+            return false;
+        }
+        return true;
+    }
+    p.bits = bits, p.act = act, p.row_bytes = row_bytes, p.w_unsigned = w_unsigned != 0;
+    p.ng = group > 0 && group < I ? (I + group - 1) / group : 1;
+    p.group = p.ng == 1 ? I : group;
+    p.scales = addr<const void>(scales), p.zeros = zeros ? addr<const void>(zeros) : nullptr, p.sf16 = sf16 != 0;
+    if ((bits != 4 && bits != 8) || (act != ACT_F32 && act != ACT_Q8) || (p.ng > 1 && p.group % BLK)) {
+        PyErr_SetString(PyExc_ValueError, "lmpress decode plan: unsupported bits, activation mode or group size");
+        return false;
+    }
+    return true;
+}
+
+void free_plan(PyObject* cap) { delete static_cast<Plan*>(PyCapsule_GetPointer(cap, "lmpress.decode_plan")); }
+
+bool bad(const char* msg) {
+    PyErr_SetString(PyExc_ValueError, msg);
+    return false;
+}
+
+// Shapes of a block's layers against the model's dims (a wrong plan would read past buffers).
+bool check_layer(const Plan& P, const Layer& L) {
+    const int64_t D = P.D, HD = P.H * P.Dh, KD = P.KV * P.Dh, F = L.gate.O;
+    if (L.q.I != D || L.k.I != D || L.v.I != D || L.q.O != HD || L.k.O != KD || L.v.O != KD)
+        return bad("lmpress decode plan: q/k/v shapes disagree with the model's dims");
+    if (L.o.I != HD || L.o.O != D || L.gate.I != D || L.up.I != D || L.up.O != F || L.down.I != F || L.down.O != D)
+        return bad("lmpress decode plan: o/gate/up/down shapes disagree with the model's dims");
+    return true;
+}
+
+}  // namespace
+
+PyObject* py_decode_plan(PyObject*, PyObject* args) {
+    long long D, H, KV, Dh, vocab_rows, max_len, layer_stride, head_stride;
+    double eps, scale;
+    unsigned long long embed, final_norm, cos, sin, kc, vc;
+    PyObject *head, *layers;
+    if (!PyArg_ParseTuple(args, "LLLLLLddKKKKKKLLOO", &D, &H, &KV, &Dh, &vocab_rows, &max_len, &eps, &scale, &embed,
+                          &final_norm, &cos, &sin, &kc, &vc, &layer_stride, &head_stride, &head, &layers))
+        return nullptr;
+    if (!PyList_Check(layers) || D <= 0 || H <= 0 || KV <= 0 || H % KV || Dh <= 0 || Dh % 2 || max_len <= 0) {
+        PyErr_SetString(PyExc_ValueError, "lmpress decode plan: bad model dims or layer list");
+        return nullptr;
+    }
+    std::unique_ptr<Plan> P(new Plan);
+    P->D = D, P->H = H, P->KV = KV, P->Dh = Dh, P->vocab_rows = vocab_rows, P->max_len = max_len;
+    P->eps = static_cast<float>(eps), P->scale = static_cast<float>(scale);
+    P->embed = addr<const float>(embed), P->final_norm = addr<const float>(final_norm);
+    P->cos = addr<const float>(cos), P->sin = addr<const float>(sin);
+    P->kc = addr<float>(kc), P->vc = addr<float>(vc), P->layer_stride = layer_stride, P->head_stride = head_stride;
+    if (!parse_lin(head, P->head)) return nullptr;
+    if (P->head.I != D) return PyErr_Format(PyExc_ValueError, "lmpress decode plan: head takes %lld inputs", P->head.I);
+    P->V = P->head.O;
+    int64_t F = 0;
+    const Py_ssize_t n = PyList_GET_SIZE(layers);
+    P->layers.resize(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        Layer& L = P->layers[i];
+        unsigned long long an, mn;
+        PyObject *q, *k, *v, *o, *g, *u, *d;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "KKOOOOOOO", &an, &mn, &q, &k, &v, &o, &g, &u, &d)) return nullptr;
+        L.attn_norm = addr<const float>(an), L.mlp_norm = addr<const float>(mn);
+        if (!parse_lin(q, L.q) || !parse_lin(k, L.k) || !parse_lin(v, L.v) || !parse_lin(o, L.o) ||
+            !parse_lin(g, L.gate) || !parse_lin(u, L.up) || !parse_lin(d, L.down) || !check_layer(*P, L))
+            return nullptr;
+        F = std::max(F, L.gate.O);
+    }
+    P->F = F;
+    P->x.resize(D), P->h.resize(D), P->tmp.resize(D), P->q.resize(H * Dh), P->att.resize(H * Dh);
+    P->k.resize(KV * Dh), P->v.resize(KV * Dh), P->gate.resize(F), P->up.resize(F), P->rot.resize(Dh);
+    P->scores.resize(H * max_len);
+    PyObject* cap = PyCapsule_New(P.get(), "lmpress.decode_plan", free_plan);
+    if (cap) P.release();
+    return cap;
+}
+
+PyObject* py_decode_step(PyObject*, PyObject* args) {
+    PyObject* cap;
+    long long token, pos;
+    unsigned long long logits;
+    int isa, threads;
+    if (!PyArg_ParseTuple(args, "OLLKii", &cap, &token, &pos, &logits, &isa, &threads)) return nullptr;
+    Plan* P = static_cast<Plan*>(PyCapsule_GetPointer(cap, "lmpress.decode_plan"));
+    if (!P) return nullptr;
+    if (token < 0 || token >= P->vocab_rows || pos < 0 || pos >= P->max_len)
+        return PyErr_Format(PyExc_ValueError, "lmpress decode_step: token %lld or position %lld out of range", token, pos);
+    Py_BEGIN_ALLOW_THREADS
+    std::lock_guard<std::mutex> lk(P->mu);
+    step(*P, token, pos, addr<float>(logits), clamp_isa(isa), std::max(threads, 1));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+}  // namespace lmp
