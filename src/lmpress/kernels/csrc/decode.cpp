@@ -295,7 +295,7 @@ void step(Plan& P, int64_t token, int64_t pos, float* logits, int isa, int threa
         }
         AttnCtx ac{&P, q, K, V, att, P.scores.data(), pos + 1, isa};
         // one head's work is (pos + 1)·Dh·4 flops: split across threads only when that pays for the hand-off
-        parallel_for(H, 1, (pos + 1) * Dh * H >= (1 << 16) ? threads : 1, attn_heads, &ac);
+        parallel_for(H, 1, (pos + 1) * Dh * H >= (1 << 14) ? threads : 1, attn_heads, &ac);
         linears(P, att, {{&L.o, t}}, isa, threads);
         for (int64_t j = 0; j < D; ++j) x[j] += t[j];
         rmsnorm(x, L.mlp_norm, h, D, P.eps);

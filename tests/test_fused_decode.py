@@ -1,0 +1,142 @@
+"""The fused decode step (kernels.decode_plan / decode_step, csrc/decode.cpp): NativeRunner.decode of one row in one
+native call computes the per-op path's logits and greedy tokens, for every layer format it takes, and leaves the
+per-op path to every model it does not take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmpress
+from conftest import tiny_model
+from lmpress import kernels
+from lmpress.compress import compress
+from lmpress.errors import BadInput
+from lmpress.nn.int8_static import Int8StaticLinear
+from lmpress.recipe import RTN, W8A8Dynamic
+from lmpress.runtime import Engine, NativeRunner, SamplingParams
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not kernels.available(), reason="native kernels not built")]
+
+HEAD8 = RTN(8, None, symmetric=True, targets="lm_head", ignore=None)
+HEAD4 = RTN(4, 32, targets="lm_head", ignore=None)
+RECIPES = {"fp32": [], "w4g32": [RTN(4, 32)], "w4g128": [RTN(4, 128)], "w8": [RTN(8, None, symmetric=True)],
+           "w4g32+h8": [RTN(4, 32), HEAD8], "w8+h4": [RTN(8, None, symmetric=True), HEAD4],
+           "w8a8": [W8A8Dynamic()], "attn8+mlp4": [RTN(8, None, targets=r"self_attn"), RTN(4, 32)]}
+# Float arithmetic differs from the per-op path only in summation order (1e-7 of the logits here); int8-rounded
+# ("q8") activations can then land on the other side of a rounding tie, one code apart: measured at most 1.3e-3
+# of the largest logit on these models
+TOL = {"exact": 1e-5, "q8": 4e-3}
+
+
+def make(family, tokenizer, recipe):
+    lm = tiny_model(family, tokenizer)
+    if RECIPES[recipe]:
+        compress(lm, RECIPES[recipe])
+    return lm
+
+
+def runners(lm, max_len):
+    fused, ref = NativeRunner(lm, max_len=max_len), NativeRunner(lm, max_len=max_len)
+    ref.fused = False
+    return fused, ref
+
+
+def max_rel_diff(lm, positions=range(5, 48), pos_as_list=False, max_len=64):
+    """Largest |fused − per-op| over the logits of many decode steps (teacher-forced), ÷ the largest |logit|."""
+    fused, ref = runners(lm, max_len)
+    ids = torch.randint(3, lm.config.vocab_size, (1, max(positions) + 1), generator=torch.Generator().manual_seed(0))
+    fused.prefill(ids[:, :positions[0]])
+    ref.prefill(ids[:, :positions[0]])
+    worst = 0.0
+    for t in positions:
+        a = fused.decode(ids[:, t], [t] if pos_as_list else t)
+        b = ref.decode(ids[:, t], t)
+        assert a.shape == b.shape == (1, lm.config.vocab_size)
+        worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+    assert fused._plan and fused.fused_reason is None, fused.fused_reason
+    return worst
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_fused_logits_match_the_per_op_path(family, recipe, tokenizer):
+    lm = make(family, tokenizer, recipe)
+    tol = TOL["exact"] if recipe in ("fp32", "w8a8") else TOL["q8"]
+    assert max_rel_diff(lm, pos_as_list=recipe == "w8") <= tol
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("recipe", ["fp32", "w4g32+h8", "w4g128", "w8"])
+def test_fused_greedy_tokens_equal_the_per_op_path(family, recipe, tokenizer):
+    lm = make(family, tokenizer, recipe)
+    prompt = torch.randint(3, 512, (6,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    fused, ref = Engine(lm, max_len=64), Engine(lm, max_len=64)
+    ref.runner.fused = False
+    assert fused.generate(prompt, params).token_ids == ref.generate(prompt, params).token_ids
+    assert fused.runner._plan
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_static_w8a8_and_f32_activations(family, tokenizer, monkeypatch):
+    """Int8StaticLinear layers (their calibrated grid) beside float ones; PackedLinear with float activations."""
+    lm = tiny_model(family, tokenizer)
+    block = lm.model.model.layers[0]
+    block.mlp.down_proj = Int8StaticLinear.from_linear(block.mlp.down_proj, 0.002, 64)
+    block.self_attn.q_proj = Int8StaticLinear.from_linear(block.self_attn.q_proj, 0.03, 60)
+    assert max_rel_diff(lm, range(5, 20)) <= TOL["exact"]
+    lm = make(family, tokenizer, "w4g32+h8")
+    from lmpress.nn.packed import PackedLinear
+    monkeypatch.setattr(PackedLinear, "native_act", "f32")
+    assert max_rel_diff(lm, range(5, 20)) <= TOL["exact"]
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_instruction_paths_and_threads(isa, tokenizer, monkeypatch):
+    if isa != "scalar" and kernels.isa() == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    lm = make("llama", tokenizer, "w4g32+h8")
+    monkeypatch.setattr(kernels, "ISA_CAP", isa)
+    assert max_rel_diff(lm, range(5, 20)) <= TOL["q8"]
+    kernels.set_num_threads(2)
+    try:
+        assert max_rel_diff(lm, range(5, 20)) <= TOL["q8"]
+        # heads of 64 over 100 positions: attention splits its heads across the threads too
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+        wide = lmpress.wrap(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name="wide")
+        assert max_rel_diff(wide, range(60, 100), max_len=128) <= TOL["exact"]
+    finally:
+        kernels.set_num_threads(None)
+
+
+def test_unsupported_layers_and_switches_keep_the_per_op_path(tokenizer, monkeypatch):
+    lm = make("llama", tokenizer, "fp32")
+    compress(lm, [RTN(3, 32, targets=r"mlp\.down_proj")])  # 3-bit: no GEMV kernel
+    fused, ref = runners(lm, 64)
+    ids = torch.tensor([[1, 47, 300, 12, 99, 5]])
+    fused.prefill(ids[:, :5])
+    ref.prefill(ids[:, :5])
+    assert torch.equal(fused.decode(ids[:, 5], 5), ref.decode(ids[:, 5], 5))
+    assert fused._plan is False and "PackedLinear" in fused.fused_reason and "bits=3" in fused.fused_reason
+
+    lm = make("qwen2", tokenizer, "w4g32")
+    r = NativeRunner(lm, max_len=16)
+    r.prefill(ids[:, :5])
+    monkeypatch.setattr(kernels, "ENABLED", False)  # LMPRESS_KERNELS=0: no fused step either
+    r.decode(ids[:, 5], 5)
+    assert r._plan is None
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    r.fused = False
+    r.decode(ids[:, 5], 5)
+    assert r._plan is None
+    r.fused = True
+    r.decode(ids[:, 5], 5)
+    assert r._plan
+    with pytest.raises(BadInput, match="context limit"):
+        r.decode(torch.tensor([5]), 16)
