@@ -270,39 +270,35 @@ class NativeRunner:
     def _decode_fused(self, token: int, pos: int) -> torch.Tensor:
         check_fits(self, 1, pos + 1)
         plan, _, V = self._plan
-        cap = kernels.ISA_CAP
-        logits = torch.empty(1, V)
-        kernels._native.decode_step(plan, token, pos, logits.data_ptr(), kernels._isa(cap) if cap else -1,
-                                    kernels._threads or torch.get_num_threads())
-        return logits
+        return kernels.decode_step(plan, token, pos, torch.empty(1, V))
 
     def _build_plan(self) -> bool:
         """Register the model with the fused decode step (self._plan), or say why it cannot (fused_reason)."""
-        self._plan, why = False, None
+        self._plan = False
+        if self.device.type != "cpu" or self.dtype is not torch.float32:
+            self.fused_reason = f"the fused decode step runs float32 models on the CPU, not {self.dtype} on {self.device}"
+            return False
         mods = [self._head] + [m for L in self.layers for m in L.mods]
         descs = [fused_linear(m) for m in mods]
         embed = getattr(self.embed, "weight", None)
         norms = [self.final_norm] + [w for L in self.layers for w in (L.attn_norm, L.mlp_norm)]
-        if self.device.type != "cpu" or self.dtype is not torch.float32:
-            why = f"the fused decode step runs float32 models on the CPU (this one: {self.dtype} on {self.device})"
-        elif not kernels.available():
-            why = "the native kernels are not available"
+        if not kernels.available():
+            self.fused_reason = "the native kernels are not available"
         elif type(self.embed) is not torch.nn.Embedding or not _cpu_f32(embed, *norms):
-            why = "the embedding or a norm is not a plain float32 tensor"
-        elif any(d is None for d in descs):
-            bad = next(m for m, d in zip(mods, descs) if d is None)
-            why = f"no fused kernel for {type(bad).__name__} layers ({bad.extra_repr()})"
-        if why:
-            self.fused_reason = why
+            self.fused_reason = "the embedding or a norm is not a plain float32 tensor"
+        elif None in descs:
+            bad = mods[descs.index(None)]
+            self.fused_reason = f"no fused kernel for {type(bad).__name__} layers ({bad.extra_repr()})"
+        if self.fused_reason:
             return False
-        head, *blocks = descs
-        layers = [(L.attn_norm, L.mlp_norm, *(d[0] for d in blocks[7 * i:7 * i + 7])) for i, L in enumerate(self.layers)]
+        head, *blocks = (d[0] for d in descs)
+        layers = [(L.attn_norm, L.mlp_norm, *blocks[7 * i:7 * i + 7]) for i, L in enumerate(self.layers)]
         plan = kernels.decode_plan(heads=self.n_heads, kv_heads=self.n_kv, head_dim=self.head_dim, eps=self.eps,
                                    scale=self.scale, embed=embed, final_norm=self.final_norm, cos=self.cos,
-                                   sin=self.sin, k_cache=self.k_cache, v_cache=self.v_cache, head=head[0],
+                                   sin=self.sin, k_cache=self.k_cache, v_cache=self.v_cache, head=head,
                                    layers=layers)
         keep = [embed, self.cos, self.sin, self.k_cache, self.v_cache, *norms, *(t for d in descs for t in d[1])]
-        self._plan = (plan, keep, head[0][2])
+        self._plan = (plan, keep, head[2])  # head[2]: its out_features, the logits' size
         return True
 
     def _rope_matrices(self, p: torch.Tensor) -> torch.Tensor:

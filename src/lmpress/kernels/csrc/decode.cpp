@@ -67,7 +67,7 @@ struct Plan {
     Lin head;
     std::vector<float> x, h, q, k, v, att, gate, up, tmp, scores, rot;
     Acts acts[3];
-    std::vector<float> r;  // unused w8a8 per-token divisors
+    std::vector<float> r;  // prepare_w8a8's per-token divisors (mode 1 only: never filled here)
     std::mutex mu;         // one step at a time per plan (the scratch above is the plan's)
 };
 
