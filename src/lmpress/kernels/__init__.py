@@ -35,8 +35,8 @@ is compute-bound there and as fast); on CPU float32 inputs without gradients the
 (dequantize_packed). Inputs that need gradients and non-CPU or non-float32 inputs take the torch reference.
 
 Switches (for benchmarks and tests; nothing global is needed in normal use):
-  LMPRESS_KERNELS=0          never use the native kernels (the reference path everywhere, no fused decode); read at import
-                             into ENABLED, which tests may set directly
+  LMPRESS_KERNELS=0          never use the native kernels (the reference path everywhere, no fused decode step); read
+                             at import into ENABLED, which tests may set directly
   LMPRESS_KERNELS_ISA=scalar cap the instruction path (scalar, avx2 or vnni; ISA_CAP); or isa= per call
   set_num_threads(n)         the kernels' threads (default: torch.get_num_threads() at each call)
 """

@@ -230,7 +230,8 @@ class NativeRunner:
         """ids [B] (rows 0..B-1), pos an int (all rows) or a sequence/tensor of B positions."""
         B = ids.shape[0]
         if B == 1 and self.fused and kernels.ENABLED and (self._plan or self._plan is None and self._build_plan()):
-            return self._decode_fused(int(ids[0]), pos if isinstance(pos, int) else int(torch.as_tensor(pos).reshape(-1)[0]))
+            p = pos if isinstance(pos, int) else int(torch.as_tensor(pos).reshape(-1)[0])
+            return self._decode_fused(int(ids[0]), p)
         H, KV, G, Dh = self.n_heads, self.n_kv, self.group, self.head_dim
         if isinstance(pos, int):
             p = torch.tensor([pos], device=self.device)
@@ -276,7 +277,7 @@ class NativeRunner:
         """Register the model with the fused decode step (self._plan), or say why it cannot (fused_reason)."""
         self._plan = False
         if self.device.type != "cpu" or self.dtype is not torch.float32:
-            self.fused_reason = f"the fused decode step runs float32 models on the CPU, not {self.dtype} on {self.device}"
+            self.fused_reason = f"the fused decode step runs float32 on the CPU, not {self.dtype} on {self.device}"
             return False
         mods = [self._head] + [m for L in self.layers for m in L.mods]
         descs = [fused_linear(m) for m in mods]

@@ -111,7 +111,8 @@ LMP_AVX2_FN float dot_avx2(const float* a, const float* b, int64_t n) {
 LMP_AVX2_FN void axpy_avx2(float a, const float* x, float* y, int64_t n) {
     const __m256 av = _mm256_set1_ps(a);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; ++i) y[i] += a * x[i];
 }
 
@@ -403,7 +404,8 @@ PyObject* py_decode_plan(PyObject*, PyObject* args) {
         Layer& L = P->layers[i];
         unsigned long long an, mn;
         PyObject *q, *k, *v, *o, *g, *u, *d;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "KKOOOOOOO", &an, &mn, &q, &k, &v, &o, &g, &u, &d)) return nullptr;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "KKOOOOOOO", &an, &mn, &q, &k, &v, &o, &g, &u, &d))
+            return nullptr;
         L.attn_norm = addr<const float>(an), L.mlp_norm = addr<const float>(mn);
         if (!parse_lin(q, L.q) || !parse_lin(k, L.k) || !parse_lin(v, L.v) || !parse_lin(o, L.o) ||
             !parse_lin(g, L.gate) || !parse_lin(u, L.up) || !parse_lin(d, L.down) || !check_layer(*P, L))
@@ -428,7 +430,8 @@ PyObject* py_decode_step(PyObject*, PyObject* args) {
     Plan* P = static_cast<Plan*>(PyCapsule_GetPointer(cap, "lmpress.decode_plan"));
     if (!P) return nullptr;
     if (token < 0 || token >= P->vocab_rows || pos < 0 || pos >= P->max_len)
-        return PyErr_Format(PyExc_ValueError, "lmpress decode_step: token %lld or position %lld out of range", token, pos);
+        return PyErr_Format(PyExc_ValueError, "lmpress decode_step: token %lld or position %lld out of range", token,
+                            pos);
     Py_BEGIN_ALLOW_THREADS
     std::lock_guard<std::mutex> lk(P->mu);
     step(*P, token, pos, addr<float>(logits), clamp_isa(isa), std::max(threads, 1));

@@ -123,7 +123,8 @@ void rows(const Problem& p, int isa, int64_t o0, int64_t o1);
 // ACT_Q8T activations of x [M, I] for w8a8 (p.ng = 1, p.nblk set): mode 0 one dynamic uint8 grid for the whole
 // input, 1 the same after dividing each row by its max |x| (divisors into r), 2 the static grid (in_scale,
 // in_zero); fbgemm's rounding (module.cpp)
-void prepare_w8a8(Problem& p, const float* x, int mode, double in_scale, int in_zero, Acts& s, std::vector<float>& r);
+void prepare_w8a8(Problem& p, const float* x, int mode, double in_scale, int in_zero, Acts& s,
+                  std::vector<float>& r);
 
 // Threads: run fn(ctx, begin, end) over [0, n) split in chunks, on up to `threads` threads (caller included).
 void parallel_for(int64_t n, int64_t chunk, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx);
