@@ -96,6 +96,9 @@ def test_calibration_specs(stories_dir, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(b, calibration(lm, "builtin:10x33", batch_size=4)))
     selfgen = calibration(lm, "self:3x20")
     assert tuple(selfgen[0].shape) == (3, 20) and (selfgen[0][:, 0] == lm.bos_id).all()
+    selfgen = calibration(lm, "self:5x20", batch_size=2)  # sampled together, cut into the engine's batches
+    assert [tuple(x.shape) for x in selfgen] == [(2, 20), (2, 20), (1, 20)]
+    assert all(torch.equal(x, y) for x, y in zip(selfgen, calibration(lm, "self:5x20", batch_size=2)))
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": "Once upon a time " * 40}) for _ in range(4)))
     assert calibration(lm, f"{tmp_path}/c.jsonl:body:4x16")[0].shape == (4, 16)
     with pytest.raises(BadInput, match="room for"):

@@ -213,6 +213,7 @@ WHOLE_MODEL = {R.W8A8Static: _int8_static, R.QAT: _qat, R.GPTQ: _gptq, R.Wanda: 
 
 
 DEFAULT_CALIB = "builtin:128x512"
+SAMPLE_BATCH = 32  # rows sampled at once by --calib self (twice the tokens/s of 8 on CPU)
 
 
 def parse_calib(spec: str) -> tuple[str, int, int]:
@@ -246,7 +247,8 @@ def calibration(lm, spec: str = DEFAULT_CALIB, data_dir=None, seed: int = 0, bat
             raise BadInput("--calib self samples from BOS, and this tokenizer has no BOS token: use a text source")
         if progress:
             print(f"lmpress: sampling {n}×{length} calibration tokens from the model itself", file=sys.stderr)
-        return sample_batches(lm.model, n, length, batch_size, lm.bos_id, seed=seed)
+        rows = torch.cat(sample_batches(lm.model, n, length, SAMPLE_BATCH, lm.bos_id, seed=seed))  # [n, length]
+        return list(rows.split(batch_size))
     ids = tokenize(lm.tokenizer, load_text(source, data_dir))
     return text_batches(ids, n, length, batch_size, seed=seed, bos=lm.bos_id)
 
