@@ -6,6 +6,7 @@ max |y − ref| ≤ 2e-5 · max |ref| (observed ≤ 1e-6 relative). The w8a8 ker
 float32 steps of fbgemm, so it equals its twin bit for bit.
 """
 
+import itertools
 import warnings
 
 import pytest
@@ -25,8 +26,9 @@ pytestmark = pytest.mark.skipif(kernels.isa() == "none", reason="native kernels 
 ISAS = sorted({"scalar", kernels.isa(), "avx2" if kernels.isa() == "vnni" else "scalar"})
 REL = 2e-5
 # (out, in, group): a partial last group (576/128, 40/32), one group per row with a partial block (100, 31),
-# odd output counts, group 64 (two blocks per group)
-SHAPES = [(37, 576, 128), (33, 100, None), (5, 40, 32), (64, 576, 64), (3, 31, None)]
+# odd output counts, group 64 (two blocks per group), group 96 (three: a 64-column int4 unit straddles two groups)
+# with a partial last group and block (200 = 2·96 + 8)
+SHAPES = [(37, 576, 128), (33, 100, None), (5, 40, 32), (64, 576, 64), (3, 31, None), (13, 576, 96), (19, 200, 96)]
 
 
 def packed(out_f, in_f, bits, group, symmetric, seed=0):
@@ -51,7 +53,7 @@ def test_packed_matches_reference(shape, bits, symmetric):
     out_f, in_f, group = shape
     qw, scales, zeros = packed(out_f, in_f, bits, group, symmetric)
     bias = torch.randn(out_f)
-    for m in (1, 2, 3, 5, 16):
+    for m in (1, 2, 3, 4, 5, 7, 16):
         x = torch.randn(m, in_f)
         for act in ("f32", "q8"):
             r = ref.linear_packed(x, qw, scales, zeros, bits, group, bias, act)
@@ -93,17 +95,55 @@ def test_degenerate_activations():
         assert torch.equal(kernels.linear_w8a8(x, q8, s, None, mode), ref.linear_w8a8(x, q8, s, None, mode))
 
 
+def test_tile_params_layout():
+    # per tile of 8 rows and per group: the tile's 8 scales then its 8 zeros, fp16 bits unchanged
+    _, scales, zeros = packed(43, 200, 4, 32, False)
+    t = kernels.tile_params(scales, zeros)
+    ng = scales.shape[0]
+    assert t.shape == (5, ng, 16) and t.dtype == torch.int16
+    s16, z16 = scales.view(torch.int16), zeros.view(torch.int16)
+    for tile in range(5):
+        for g in range(ng):
+            assert torch.equal(t[tile, g, :8], s16[g, 8 * tile:8 * tile + 8])
+            assert torch.equal(t[tile, g, 8:], z16[g, 8 * tile:8 * tile + 8])
+    assert torch.equal(kernels.tile_params(scales, None)[..., 8:], torch.zeros(5, ng, 8, dtype=torch.int16))
+    with pytest.raises(ValueError):
+        kernels.tile_params(scales.float(), zeros.float())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(8, 64, 32), (43, 576, 32), (37, 576, 128), (29, 200, 96), (1001, 256, 64),
+                                   (9, 100, None)])
+def test_one_row_with_and_without_tiles(shape, bits):
+    # one activation row (the decode GEMV): scales / zeros from the caller's tile_params, regrouped by the call
+    # itself, or read in place (per channel) give the same numbers, at any thread count (ranges of whole tiles)
+    out_f, in_f, group = shape
+    qw, scales, zeros = packed(out_f, in_f, bits, group, False, seed=3)
+    bias = torch.randn(out_f)
+    tiles = kernels.tile_params(scales, zeros)
+    x = torch.randn(1, in_f)
+    r = ref.linear_packed(x, qw, scales, zeros, bits, group, bias, "q8")
+    for isa in ISAS:
+        y = kernels.linear_packed(x, qw, scales, zeros, bits, group, bias, "q8", isa=isa, threads=1)
+        close(y, r)
+        for t in (1, 2, 3):
+            yt = kernels.linear_packed(x, qw, scales, zeros, bits, group, bias, "q8", isa=isa, threads=t, tiles=tiles)
+            assert torch.equal(yt, y), (isa, t)
+    with pytest.raises(ValueError):
+        kernels.linear_packed(x, qw, scales, zeros, bits, group, bias, "q8", tiles=tiles[:-1])
+
+
 def test_threads_give_the_same_numbers():
     qw, scales, zeros = packed(1001, 256, 4, 64, False)
     q8, s = quantize_weight(torch.randn(1001, 256))
-    x = torch.randn(5, 256)
+    x5, x1 = torch.randn(5, 256), torch.randn(1, 256)
     for isa in ISAS:
-        for act in ("f32", "q8"):
+        for act, x in itertools.product(("f32", "q8"), (x5, x1)):
             one = kernels.linear_packed(x, qw, scales, zeros, 4, 64, None, act, isa=isa, threads=1)
             for t in (2, 3):
                 assert torch.equal(kernels.linear_packed(x, qw, scales, zeros, 4, 64, None, act, isa=isa, threads=t), one)
-        one = kernels.linear_w8a8(x, q8, s, None, "dynamic-per-token", isa=isa, threads=1)
-        assert torch.equal(kernels.linear_w8a8(x, q8, s, None, "dynamic-per-token", isa=isa, threads=2), one)
+        one = kernels.linear_w8a8(x5, q8, s, None, "dynamic-per-token", isa=isa, threads=1)
+        assert torch.equal(kernels.linear_w8a8(x5, q8, s, None, "dynamic-per-token", isa=isa, threads=2), one)
 
 
 def test_thread_setting():

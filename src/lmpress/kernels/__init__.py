@@ -138,12 +138,28 @@ def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
 
 
+def tile_params(scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    """PackedLinear's fp16 scales and zeros [n_groups, O] regrouped per tile of 8 output rows: uint16
+    [O // 8, n_groups, 16] (a tile's 8 scales, then its 8 zeros, per group; zeros None: 0). linear_packed(tiles=)
+    of one activation row reads them in order there instead of 2·n_groups scattered lines per tile; derive it
+    again whenever scales or zeros change."""
+    ng, O = scales.shape
+    if scales.dtype != torch.float16 or (zeros is not None and (zeros.dtype != torch.float16 or zeros.shape != scales.shape)):
+        raise ValueError(f"tile_params takes fp16 scales and zeros of one shape; got {scales.dtype} {list(scales.shape)}")
+    out = torch.empty(O // 8, ng, 16, dtype=torch.int16)
+    _native.tile_params(_ptr(scales), _ptr(zeros), ng, O, _ptr(out))
+    return out
+
+
 def linear_packed(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                   group_size: int | None, bias: torch.Tensor | None = None, act: str = "f32",
-                  isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+                  isa: str | None = None, threads: int | None = None,
+                  tiles: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., I] float32 · PackedLinear weight (bits 4 or 8) → [..., O] float32.
 
     qweight uint8 [O, packed_row_bytes(I, bits)], scales and zeros fp16 [n_groups, O], bias float32 [O] or None.
+    tiles: tile_params(scales, zeros), kept by a caller that runs the layer often (one row, "q8", several groups:
+    the kernel regroups them itself on each such call otherwise).
     """
     O, I = qweight.shape[0], x.shape[-1]
     if bits not in (4, 8) or not group_ok(group_size, I) or scales.dtype != torch.float16 or zeros.dtype != torch.float16:
@@ -151,9 +167,11 @@ def linear_packed(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                          f"scales {scales.dtype}, zeros {zeros.dtype}")
     x2 = _rows(x, I)
     y = torch.empty(x2.shape[0], O, dtype=torch.float32)
+    if tiles is not None and (tiles.dtype != torch.int16 or tiles.shape != (O // 8, scales.shape[0], 16)):
+        raise ValueError(f"tiles must be tile_params(scales, zeros): int16 [{O // 8}, {scales.shape[0]}, 16]")
     _native.linear(_ptr(x2), x2.shape[0], I, _ptr(qweight), qweight.shape[1], O, bits, 1, _ptr(scales),
                    _ptr(zeros), 1, group_size or 0, _ptr(bias), _ptr(y), ACTS[act], _isa(isa),
-                   threads or get_num_threads())
+                   threads or get_num_threads(), _ptr(tiles))
     return _shaped(y, x)
 
 

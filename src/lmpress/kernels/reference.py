@@ -28,7 +28,9 @@ def quantize_q8(x: torch.Tensor) -> torch.Tensor:
     xb = torch.nn.functional.pad(x.float(), (0, pad)).reshape(M, -1, BLOCK)  # [M, nblk, 32]
     amax = xb.abs().amax(dim=-1, keepdim=True)
     d = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # a true float32 division, as the kernels (`127.0 / amax` is reciprocal-then-multiply in torch: one ulp off at
+    # times, which moves a rounding tie)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.round(xb * inv)
     return (q.double() * d.double()).reshape(M, -1)[:, :I]
 

@@ -50,6 +50,7 @@ struct Lin {
     const float* w = nullptr;     // LIN_F32: [O, I]
     const float* bias = nullptr;  // LIN_F32: [O] or null
     int64_t I = 0, O = 0;
+    std::vector<uint16_t> tiles;  // LIN_Q: p.tiles, derived once here (the plan's tensors stay unchanged)
 };
 
 struct Layer {
@@ -353,6 +354,11 @@ bool parse_lin(PyObject* t, Lin& L) {
     if ((bits != 4 && bits != 8) || (act != ACT_F32 && act != ACT_Q8) || (p.ng > 1 && p.group % BLK)) {
         PyErr_SetString(PyExc_ValueError, "lmpress decode plan: unsupported bits, activation mode or group size");
         return false;
+    }
+    if (wants_tiles(p)) {
+        L.tiles.resize(p.O / 8 * p.ng * 16);
+        tile_params(p, L.tiles.data());
+        p.tiles = L.tiles.data();
     }
     return true;
 }

@@ -56,6 +56,11 @@ struct Problem {
     const float* xdv;   // ACT_Q8: [M, units*8]
     const int32_t* xc;  // ACT_Q8: [M, nblk]
     float* y;           // [M, O]
+    // ACT_Q8 with M = 1, fp16 scales, several groups: the same scales and zeros regrouped per tile of 8 rows,
+    // [O / 8][ng][8 scales | 8 zeros] (tile_params), or null. A tile's parameters are then one sequential run
+    // instead of 2·ng lines O·2 bytes apart (scattered reads the prefetchers cannot follow: twice the time of
+    // the codes themselves at group 32).
+    const uint16_t* tiles;
 };
 
 // One call computes rows [o0, o1) of y for every m (threads split the rows).
@@ -125,6 +130,11 @@ void rows(const Problem& p, int isa, int64_t o0, int64_t o1);
 // in_zero); fbgemm's rounding (module.cpp)
 void prepare_w8a8(Problem& p, const float* x, int mode, double in_scale, int in_zero, Acts& s,
                   std::vector<float>& r);
+
+// p's scales and zeros (fp16 [ng, O], zeros may be null: 0) regrouped as Problem::tiles, into out
+// [(O / 8)·ng·16] (module.cpp).
+void tile_params(const Problem& p, uint16_t* out);
+inline bool wants_tiles(const Problem& p) { return p.act == ACT_Q8 && p.sf16 && p.ng > 1 && p.O >= 8; }
 
 // Threads: run fn(ctx, begin, end) over [0, n) split in chunks, on up to `threads` threads (caller included).
 void parallel_for(int64_t n, int64_t chunk, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx);

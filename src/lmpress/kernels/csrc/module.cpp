@@ -2,6 +2,7 @@
 //
 //   isa() -> int                      best instruction path of this CPU: 0 scalar, 1 AVX2+FMA+F16C, 2 + AVX512-VNNI
 //   linear(...)                       weight-only int4/int8, activations fp32 or int8 per block of 32 (see kernels.h)
+//   tile_params(...)                  scales and zeros regrouped per tile of 8 rows for linear (Problem::tiles)
 //   w8a8(...)                         int8 weights × uint8 activations on one per-tensor grid, the arithmetic of
 //                                     PyTorch's fbgemm dynamic/static quantized linear (nn/int8_dynamic.py)
 //   dequant(...)                      packed codes of any width 2..8 → float32 [O, I], bit for bit
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels.h"
@@ -40,12 +42,14 @@ void run_rows(void* ctx, int64_t o0, int64_t o1) {
 
 void run(const Problem& p, int isa, int threads) {
     std::pair<const Problem*, int> w{&p, isa};
-    const int64_t chunk = std::max<int64_t>(8, (p.O + 4 * threads - 1) / (4 * threads));  // a few chunks per thread
+    // a few chunks per thread, whole tiles of 8 rows (Problem::tiles is indexed by tile)
+    const int64_t chunk = (std::max<int64_t>(8, (p.O + 4 * threads - 1) / (4 * threads)) + 7) & ~int64_t(7);
     parallel_for(p.O, chunk, threads, run_rows, &w);
 }
 
-// Scratch for the prepared activations, reused across calls of one Python thread.
+// Scratch for the prepared activations and per-call Problem::tiles, reused across calls of one Python thread.
 thread_local Acts scratch;
+thread_local std::vector<uint16_t> tiles_scratch;
 
 // ATen's quant_utils::ChooseQuantizationParams(min, max, 0, qmax, preserve_sparsity=false, pow2=false), as
 // transcribed in nn/int8_dynamic.py kernel_qparams: double arithmetic, float32 roundings where ATen has them.
@@ -87,6 +91,18 @@ void rows(const Problem& p, int isa, int64_t o0, int64_t o1) {
 #endif
     (void)isa;
     rows_scalar(p, o0, o1);
+}
+
+void tile_params(const Problem& p, uint16_t* out) {
+    const auto* sc = static_cast<const uint16_t*>(p.scales);
+    const auto* zp = static_cast<const uint16_t*>(p.zeros);
+    for (int64_t g = 0; g < p.ng; ++g)  // reading each group's run of O values in order
+        for (int64_t t = 0; t < p.O / 8; ++t) {
+            uint16_t* d = out + (t * p.ng + g) * 16;
+            std::memcpy(d, sc + g * p.O + t * 8, 16);
+            if (zp) std::memcpy(d + 8, zp + g * p.O + t * 8, 16);
+            else std::memset(d + 8, 0, 16);
+        }
 }
 
 // x [M, I] → the prepared activations of kernels.h for weight-only layers.
@@ -173,12 +189,14 @@ T* ptr(unsigned long long v) { return reinterpret_cast<T*>(static_cast<uintptr_t
 
 PyObject* py_isa(PyObject*, PyObject*) { return PyLong_FromLong(clamp_isa(-1)); }
 
+// tiles (optional, 0 for none): Problem::tiles of these scales and zeros (tile_params), which a caller may keep
+// across calls; without it one activation row on several fp16 groups regroups them here first.
 PyObject* py_linear(PyObject*, PyObject* args) {
-    unsigned long long x, w, scales, zeros, bias, y;
+    unsigned long long x, w, scales, zeros, bias, y, tiles = 0;
     long long M, I, O, row_bytes, group;
     int bits, w_unsigned, sf16, act, isa, threads;
-    if (!PyArg_ParseTuple(args, "KLLKLLiiKKiLKKiii", &x, &M, &I, &w, &row_bytes, &O, &bits, &w_unsigned, &scales,
-                          &zeros, &sf16, &group, &bias, &y, &act, &isa, &threads))
+    if (!PyArg_ParseTuple(args, "KLLKLLiiKKiLKKiii|K", &x, &M, &I, &w, &row_bytes, &O, &bits, &w_unsigned, &scales,
+                          &zeros, &sf16, &group, &bias, &y, &act, &isa, &threads, &tiles))
         return nullptr;
     Problem p{};
     p.M = M, p.I = I, p.O = O, p.bits = bits, p.act = act;
@@ -194,8 +212,27 @@ PyObject* py_linear(PyObject*, PyObject* args) {
     }
     Py_BEGIN_ALLOW_THREADS
     const int use = clamp_isa(isa);
+    if (p.M == 1 && wants_tiles(p) && use > ISA_SCALAR) {
+        if (!tiles) {
+            tiles_scratch.resize(p.O / 8 * p.ng * 16);
+            tile_params(p, tiles_scratch.data());
+        }
+        p.tiles = tiles ? ptr<const uint16_t>(tiles) : tiles_scratch.data();
+    }
     prepare(p, ptr<const float>(x), use, scratch);
     run(p, use, std::max(threads, 1));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyObject* py_tile_params(PyObject*, PyObject* args) {
+    unsigned long long scales, zeros, out;
+    long long ng, O;
+    if (!PyArg_ParseTuple(args, "KKLLK", &scales, &zeros, &ng, &O, &out)) return nullptr;
+    Problem p{};
+    p.scales = ptr<const void>(scales), p.zeros = zeros ? ptr<const void>(zeros) : nullptr, p.ng = ng, p.O = O;
+    Py_BEGIN_ALLOW_THREADS
+    tile_params(p, ptr<uint16_t>(out));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -252,6 +289,7 @@ PyObject* py_dequant(PyObject*, PyObject* args) {
 PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "best instruction path: 0 scalar, 1 AVX2, 2 AVX2 + AVX512-VNNI"},
     {"linear", py_linear, METH_VARARGS, "weight-only int4/int8 linear on raw buffers (see lmpress.kernels)"},
+    {"tile_params", py_tile_params, METH_VARARGS, "fp16 scales and zeros [ng, O] regrouped per tile of 8 rows"},
     {"dequant", py_dequant, METH_VARARGS, "packed codes (bits 2..8) to a float32 weight on raw buffers"},
     {"w8a8", py_w8a8, METH_VARARGS, "fbgemm-compatible int8 linear on raw buffers (see lmpress.kernels)"},
     {"decode_plan", py_decode_plan, METH_VARARGS, "a Llama-family model's fused decode plan (see lmpress.kernels)"},

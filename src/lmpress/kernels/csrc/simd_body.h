@@ -229,6 +229,9 @@ static inline __m128 param4(const void* base, int64_t idx) {
     return _mm_loadu_ps(static_cast<const float*>(base) + idx);
 }
 
+// Software prefetch distance of the weights, in bytes past the current tile's first byte (gemv_tile).
+constexpr int64_t GEMV_PF = 8192;
+
 // Rows r = 0..R−1 (weights at w[r], scales at sc[g·sstride + r]) × activation rows m0..m0+MB−1 → out[m][r]
 // (without the zero-point term and bias).
 template <int BITS, bool UNS, bool SF16, int R, int MB>
@@ -267,6 +270,8 @@ static void q8_tile(const Problem& p, const Seg* segs, int nseg, const uint8_t* 
                 c[m] = BITS == 8 && LMP_VNNI ? _mm256_setr_epi32(xc[m][u], 0, 0, 0, 0, 0, 0, 0) : _mm256_setzero_si256();
                 dv[m] = _mm256_loadu_ps(xdv[m] + u * 8);
             }
+            const char* pf = reinterpret_cast<const char*>(w[0]) + GEMV_PF + u * R * 32;  // as gemv_tile
+            LMP_UNROLL for (int k = 0; k < R / 2; ++k) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
             LMP_UNROLL for (int r = 0; r < R; ++r) {
                 Codes<BITS, UNS> cw;
                 cw.load(src[r] + off);
@@ -368,6 +373,143 @@ static void q8_sweep(const Problem& p, const Seg* segs, int nseg, int64_t o, int
         for (int64_t r = 0; r < n; ++r) p.y[(m0 + m) * p.O + o + r] = out4[m][r] + zt[(m0 + m) * (o1 - o0) + o - o0 + r];
 }
 
+// ---- ACT_Q8 with one activation row (the decode GEMV): output rows in the lanes ------------------------------
+// A tile is 8 consecutive weight rows. Per unit, each row's integer dot product (Codes::dot: 8 int32 lanes of
+// partial sums, int4 lanes 0-3 block 2u and 4-7 block 2u+1, int8 all block u) is reduced across the 8 rows at once
+// (hadd tree) into one vector per block whose lane r is row r's Σ code·q over that block. Then per block
+// A += float(Σ)·d[b], and at each group's end tot += S_g·(A − Z'_g·xsum_g) with the group's 8 scales and zeros
+// loaded as one vector (they lie side by side in the group-major [ng, O] layout): no per-row scalar work, no
+// horizontal sums per row, the zero point folded into the same pass. The weights are software-prefetched
+// GEMV_PF bytes ahead of the tile: a tile reads 8 short streams (one per row), too short for the hardware
+// prefetcher to lock on, and without it the loop waits on memory latency rather than bandwidth.
+
+// Lane r of the result: Σ of the 8 lanes of v[r] (int8: one block per unit).
+static inline __m256i reduce8(const __m256i (&v)[8]) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// int4: lane r of lo / hi: Σ of lanes 0-3 / 4-7 of v[r] (blocks 2u and 2u+1).
+static inline void reduce8x2(const __m256i (&v)[8], __m256i& lo, __m256i& hi) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    lo = _mm256_permute2x128_si256(a, b, 0x20);
+    hi = _mm256_permute2x128_si256(a, b, 0x31);
+}
+
+template <bool SF16>
+static inline __m256 param8(const void* base, int64_t idx) {
+    if (SF16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + idx)));
+    return _mm256_loadu_ps(static_cast<const float*>(base) + idx);
+}
+
+// The 8 rows w[0..7] → out[0..7] (bias included). Scales / zeros of row r, group g at sc / zp[g·sstride + r]
+// (zp null: zero 0); zshift is added to every zero (−128 for uint8 int8 codes read as signed); pf: the tile's
+// first weight byte, the prefetch cursor's origin.
+template <int BITS, bool UNS, bool SF16>
+static void gemv_tile(const Problem& p, const uint8_t* const (&w)[8], const void* sc, const void* zp, int64_t sstride,
+                      float zshift, const float* bias, float* out, const char* pf) {
+    const int64_t full = p.row_bytes / 32, tb = p.row_bytes - full * 32, units = q8_units(BITS, p.nblk);
+    const int64_t gblk = p.ng == 1 ? p.nblk : p.group / BLK;
+    const bool zterm = zp || zshift != 0.f;
+    const int8_t* xq = p.xq;
+    const float *xd = p.xd, *xs = p.xsum;
+    alignas(32) uint8_t tail[8][32];
+    if (tb)
+        for (int r = 0; r < 8; ++r) {
+            std::memset(tail[r], 0, 32);
+            std::memcpy(tail[r], w[r] + full * 32, tb);
+        }
+    __m256 tot = _mm256_setzero_ps(), acc = _mm256_setzero_ps();
+    int64_t g = 0, left = gblk;  // the group being accumulated, blocks it still has
+    auto block = [&](__m256i isum, int64_t b) __attribute__((always_inline)) {
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_broadcast_ss(xd + b), acc);
+        if (--left && b + 1 < p.nblk) return;
+        const __m256 s = param8<SF16>(sc, g * sstride);
+        if (zterm) {
+            __m256 z = _mm256_set1_ps(zshift);
+            if (zp) z = _mm256_add_ps(param8<SF16>(zp, g * sstride), z);
+            acc = _mm256_fnmadd_ps(z, _mm256_broadcast_ss(xs + g), acc);
+        }
+        tot = _mm256_fmadd_ps(s, acc, tot);
+        acc = _mm256_setzero_ps(), left = gblk, ++g;
+    };
+    auto unit = [&](int64_t u, const uint8_t* const* src, int64_t off) __attribute__((always_inline)) {
+        const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + u * (BITS == 4 ? 64 : 32)));
+        const __m256i qb = BITS == 4 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + u * 64 + 32)) : qa;
+        __m256i d[8];
+        LMP_UNROLL for (int r = 0; r < 8; ++r) {
+            Codes<BITS, UNS> cw;
+            cw.load(src[r] + off);
+            d[r] = cw.dot(qa, qb, _mm256_setzero_si256());
+        }
+        if (BITS == 4) {
+            __m256i lo, hi;
+            reduce8x2(d, lo, hi);
+            block(lo, 2 * u);
+            if (2 * u + 1 < p.nblk) block(hi, 2 * u + 1);
+        } else {
+            __m256i s = reduce8(d);
+            if (LMP_VNNI) s = _mm256_add_epi32(s, _mm256_set1_epi32(p.xc[u]));  // the codes' +128 (Codes::load)
+            block(s, u);
+        }
+    };
+    for (int64_t u = 0; u < full; ++u) {
+        const char* c = pf + GEMV_PF + u * 256;  // 8 rows × 32 bytes per unit: 4 lines
+        _mm_prefetch(c, _MM_HINT_T0), _mm_prefetch(c + 64, _MM_HINT_T0);
+        _mm_prefetch(c + 128, _MM_HINT_T0), _mm_prefetch(c + 192, _MM_HINT_T0);
+        unit(u, w, u * 32);
+    }
+    if (full < units) {  // the rows' partial last unit, from the zero-padded copies
+        const uint8_t* tp[8];
+        for (int r = 0; r < 8; ++r) tp[r] = tail[r];
+        unit(full, tp, 0);
+    }
+    if (bias) tot = _mm256_add_ps(tot, _mm256_loadu_ps(bias));
+    _mm256_storeu_ps(out, tot);
+}
+
+// Rows [o0, o1) of y for the one activation row: whole tiles of 8, then the rest as one tile whose missing rows
+// repeat the last one (scales, zeros and bias copied to locals, so nothing past the buffers is read). Tiles read
+// their scales and zeros from p.tiles when there is one and the tile starts on a multiple of 8.
+template <int BITS, bool UNS, bool SF16>
+static void gemv_q8(const Problem& p, int64_t o0, int64_t o1) {
+    const float zshift = BITS == 8 && UNS ? -128.f : 0.f;
+    const size_t es = SF16 ? 2 : 4;
+    const char *sc = static_cast<const char*>(p.scales), *zp = static_cast<const char*>(p.zeros);
+    int64_t o = o0;
+    for (; o + 8 <= o1; o += 8) {
+        const uint8_t* w[8];
+        for (int r = 0; r < 8; ++r) w[r] = p.w + (o + r) * p.row_bytes;
+        const char* pf = reinterpret_cast<const char*>(w[0]);
+        if (SF16 && p.tiles && !(o & 7)) {
+            const uint16_t* t = p.tiles + (o >> 3) * p.ng * 16;
+            gemv_tile<BITS, UNS, true>(p, w, t, t + 8, 16, zshift, p.bias ? p.bias + o : nullptr, p.y + o, pf);
+        } else {
+            gemv_tile<BITS, UNS, SF16>(p, w, sc + o * es, zp ? zp + o * es : nullptr, p.O, zshift,
+                                       p.bias ? p.bias + o : nullptr, p.y + o, pf);
+        }
+    }
+    if (o >= o1) return;
+    const int64_t n = o1 - o;
+    std::vector<float>& loc = q8s.sloc;
+    loc.assign(p.ng * 16 + 16, 0.f);  // scales [ng, 8], zeros [ng, 8], bias [8], out [8]
+    float *ls = loc.data(), *lz = ls + p.ng * 8, *lb = lz + p.ng * 8, *lo = lb + 8;
+    const uint8_t* w[8];
+    for (int r = 0; r < 8; ++r) {
+        const int64_t row = o + (r < n ? r : n - 1);
+        w[r] = p.w + row * p.row_bytes;
+        for (int64_t g = 0; g < p.ng; ++g) {
+            ls[g * 8 + r] = param(p.scales, SF16, g * p.O + row);
+            lz[g * 8 + r] = p.zeros ? param(p.zeros, SF16, g * p.O + row) : 0.f;
+        }
+        lb[r] = p.bias ? p.bias[row] : 0.f;
+    }
+    gemv_tile<BITS, UNS, false>(p, w, ls, p.zeros ? lz : nullptr, 8, zshift, lb, lo, reinterpret_cast<const char*>(w[0]));
+    for (int64_t r = 0; r < n; ++r) p.y[o + r] = lo[r];
+}
+
 #if LMP_VNNI
 constexpr int Q8_R1 = 8;   // rows per tile for one activation row (32 vector registers)
 constexpr int Q8_MB = 4;   // activation rows per tile for several
@@ -378,6 +520,7 @@ constexpr int Q8_MB = 2;
 
 template <int BITS, bool UNS, bool SF16>
 static void rows_q8(const Problem& p, int64_t o0, int64_t o1) {
+    if (p.M == 1) return gemv_q8<BITS, UNS, SF16>(p, o0, o1);
     // segments (same for every tile)
     std::vector<Seg>& segs = q8s.segs;
     segs.clear();
