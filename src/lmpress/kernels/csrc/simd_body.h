@@ -229,8 +229,10 @@ static inline __m128 param4(const void* base, int64_t idx) {
     return _mm_loadu_ps(static_cast<const float*>(base) + idx);
 }
 
-// Software prefetch distance of the weights, in bytes past the current tile's first byte (gemv_tile).
-constexpr int64_t GEMV_PF = 8192;
+// Software prefetch distance of the weights, in bytes past the current tile's first byte (gemv_tile), for rows
+// shorter than GEMV_PF_ROW bytes: longer rows are streams the hardware prefetcher follows by itself (measured:
+// 4864 int8 columns 1.2× faster without; 576-1536 columns 2-3× faster with).
+constexpr int64_t GEMV_PF = 8192, GEMV_PF_ROW = 2048;
 
 // Rows r = 0..R−1 (weights at w[r], scales at sc[g·sstride + r]) × activation rows m0..m0+MB−1 → out[m][r]
 // (without the zero-point term and bias).
@@ -271,7 +273,7 @@ static void q8_tile(const Problem& p, const Seg* segs, int nseg, const uint8_t* 
                 dv[m] = _mm256_loadu_ps(xdv[m] + u * 8);
             }
             const char* pf = reinterpret_cast<const char*>(w[0]) + GEMV_PF + u * R * 32;  // as gemv_tile
-            LMP_UNROLL for (int k = 0; k < R / 2; ++k) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+            if (p.row_bytes < GEMV_PF_ROW) LMP_UNROLL for (int k = 0; k < R / 2; ++k) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
             LMP_UNROLL for (int r = 0; r < R; ++r) {
                 Codes<BITS, UNS> cw;
                 cw.load(src[r] + off);
@@ -455,10 +457,13 @@ static void gemv_tile(const Problem& p, const uint8_t* const (&w)[8], const void
             block(s, u);
         }
     };
+    const bool pfon = p.row_bytes < GEMV_PF_ROW;
     for (int64_t u = 0; u < full; ++u) {
-        const char* c = pf + GEMV_PF + u * 256;  // 8 rows × 32 bytes per unit: 4 lines
-        _mm_prefetch(c, _MM_HINT_T0), _mm_prefetch(c + 64, _MM_HINT_T0);
-        _mm_prefetch(c + 128, _MM_HINT_T0), _mm_prefetch(c + 192, _MM_HINT_T0);
+        if (pfon) {
+            const char* c = pf + GEMV_PF + u * 256;  // 8 rows × 32 bytes per unit: 4 lines
+            _mm_prefetch(c, _MM_HINT_T0), _mm_prefetch(c + 64, _MM_HINT_T0);
+            _mm_prefetch(c + 128, _MM_HINT_T0), _mm_prefetch(c + 192, _MM_HINT_T0);
+        }
         unit(u, w, u * 32);
     }
     if (full < units) {  // the rows' partial last unit, from the zero-padded copies
