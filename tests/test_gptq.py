@@ -13,6 +13,7 @@ from lmpress.nn.packed import PackedLinear, pad_to_groups
 from lmpress.quant import gptq
 from lmpress.quant.primitives import compute_qparams, dequantize
 from lmpress.quant.rtn import quantize_rtn, storage_qparams
+from lmpress import recipe as R
 from lmpress.recipe import RTN
 
 from conftest import tiny_config
@@ -302,3 +303,19 @@ def test_engine_bad_input(tokenizer):
         run_sequential(lm, lm.arch, ids, gptq, NS(bits=4, targets="nothing"))
     with pytest.raises(BadInput, match=r"model\.layers\.0\.self_attn\.q_proj: bits"):  # names the layer
         run_sequential(lm, lm.arch, ids, gptq, NS(bits=9))
+
+
+def test_sink_weight_counts_first_positions_that_many_times():
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 16)  # [B, T, I]
+    lin = torch.nn.Linear(16, 8)
+    stats = gptq.update_stats(gptq.init_stats(lin), x)
+    rep = torch.cat([x.reshape(-1, 16)] + [x[:, 0]] * 4)  # every first position 4 more times: weight 5
+    ref = gptq.update_stats(gptq.init_stats(lin), rep)
+    torch.testing.assert_close(gptq.hessian(stats, 5.0), gptq.hessian(ref), rtol=1e-4, atol=1e-5)  # float32 products
+    assert torch.equal(gptq.hessian(stats, 1.0), gptq.hessian(gptq.update_stats(gptq.init_stats(lin), x)))
+    flat = gptq.update_stats(gptq.init_stats(lin), x.reshape(-1, 16))  # rows without positions: no sink term
+    assert torch.equal(gptq.hessian(flat, 64.0), gptq.hessian(flat))
+    for bad in (0.5, True, float("inf"), "x"):
+        with pytest.raises(BadInput, match="sink_weight"):
+            R.GPTQ(sink_weight=bad)

@@ -179,7 +179,9 @@ class GPTQ:
     H will not factor). act_order: quantize the most active input columns first; with groups it needs
     static_groups=True (every group's parameters chosen up front on the original weight, so groups stay
     contiguous and store packed like RTN's). block_size: columns per lazy update, a speed knob. keep_zeros:
-    weights that are exactly 0 stay 0 (a pruned layer keeps its sparsity pattern, e.g. after SparseGPT)."""
+    weights that are exactly 0 stay 0 (a pruned layer keeps its sparsity pattern, e.g. after SparseGPT).
+    sink_weight: how many times each calibration sequence's first position (the attention sink, whose keys
+    and values every later token reads) counts in the Hessian (quant/gptq.py hessian; 1 = plain GPTQ)."""
 
     bits: int = 4
     group_size: int | None = 128
@@ -189,12 +191,16 @@ class GPTQ:
     static_groups: bool = False
     block_size: int = 128
     keep_zeros: bool = True
+    sink_weight: float = 64.0
     targets: str | None = None
     ignore: str | None = DEFAULT_IGNORE
 
     def __post_init__(self):
         _check_bits(self.bits)
         _check_group(self.group_size)
+        sw = self.sink_weight
+        if isinstance(sw, bool) or not isinstance(sw, (int, float)) or not 1 <= sw < float("inf"):
+            raise BadInput(f"GPTQ sink_weight must be a number >= 1, got {sw!r}")
         if isinstance(self.damp, bool):
             raise BadInput(f"GPTQ damp must be a number >= 0, got {self.damp!r}")
         try:

@@ -46,22 +46,40 @@ from .rtn import storage_qparams
 
 def init_stats(module: torch.nn.Module) -> dict:
     w = linear_weight(module)
-    return {"H": torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device), "n": 0}
+    I = w.shape[1]
+    return {"H": torch.zeros(I, I, dtype=torch.float64, device=w.device), "n": 0,
+            "H0": torch.zeros(I, I, dtype=torch.float64, device=w.device), "n0": 0}
 
 
 def update_stats(stats: dict, x: Tensor) -> dict:
-    """x: [..., I] inputs of the layer; H accumulates Σ xᵀx over all rows (float32 product, float64 sum)."""
-    x = x.detach().reshape(-1, x.shape[-1]).float()  # [N, I]
+    """x: [..., I] inputs of the layer; H accumulates Σ xᵀx over all rows (float32 product, float64 sum). For
+    a batch of sequences [B, T, I], H0 also accumulates the first position's part (the attention sink: see
+    hessian)."""
+    x = x.detach()
+    if x.dim() >= 3 and "H0" in stats:
+        x0 = x[:, 0].reshape(-1, x.shape[-1]).float()  # [B, I]: each sequence's first position
+        stats["H0"] += (x0.t() @ x0).double()
+        stats["n0"] += x0.shape[0]
+    x = x.reshape(-1, x.shape[-1]).float()  # [N, I]
     stats["H"] += (x.t() @ x).double()
     stats["n"] += x.shape[0]
     return stats
 
 
-def hessian(stats: dict) -> Tensor:
-    """H = 2/n · Σ XᵀX, [I, I] float64."""
+def hessian(stats: dict, sink_weight: float = 1.0) -> Tensor:
+    """H = 2/n · Σ XᵀX, [I, I] float64, with each sequence's first position counted sink_weight times.
+
+    The first position is the attention sink: most heads put most of their weight on it, so its keys and
+    values are read by every later token, while an unweighted H counts it once in T. Measured on SmolLM2-135M
+    (w4 g128, self-generated calibration, 8 WikiText-2 windows): GPTQ's v_proj alone in two blocks raised KLD
+    to 0.0122 against RTN's 0.0059 with weight 1, 0.0040 with 64; the whole model 0.427 → 0.267 (RTN 0.394,
+    HQQ 0.327)."""
     if stats["n"] == 0:
         raise BadInput("GPTQ saw no calibration inputs for this layer")
-    H = stats["H"] * (2.0 / stats["n"])
+    H, n = stats["H"], stats["n"]
+    if sink_weight != 1 and stats.get("n0"):
+        H, n = H + (sink_weight - 1) * stats["H0"], n + (sink_weight - 1) * stats["n0"]
+    H = H * (2.0 / n)
     if not torch.isfinite(H).all():
         raise BadInput("GPTQ: the layer's calibration inputs contain inf or NaN")
     return H
@@ -174,13 +192,13 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None
 
 def apply(module: torch.nn.Module, stats: dict, config) -> PackedLinear:
     """A PackedLinear with `module`'s weight quantized by GPTQ with config.bits, .group_size, .symmetric, .damp,
-    .act_order, .static_groups and .block_size (missing fields take the defaults of gptq_quantize)."""
+    .act_order, .static_groups, .block_size and .sink_weight (missing fields take the defaults of gptq_quantize)."""
     bits = check_bits(config.bits)
     group_size = getattr(config, "group_size", None)
     symmetric = getattr(config, "symmetric", False)
     W = linear_weight(module)  # [O, I]
     in_f = W.shape[1]
-    H = hessian(stats)  # [I, I]
+    H = hessian(stats, getattr(config, "sink_weight", 1.0))  # [I, I]
     W = pad_to_groups(W, group_size)  # [O, I'], zero columns up to whole groups
     if W.shape[1] > in_f:  # padded inputs: a diagonal Hessian (no coupling to the real ones) at the mean of the
         pad = W.shape[1] - in_f  # real diagonal, so that the dampening (∝ mean diag) does not change
