@@ -6,7 +6,8 @@ quantization errors are compensated together.
 
 Three pure functions for the sequential engine (calibrate.py); the statistics are GPTQ's own:
 
-    init_stats(module)          {"H": Σ XᵀX [I, I] float64, "n": rows seen}       (quant/gptq.py)
+    init_stats(module)          {"H": Σ XᵀX [I, I] float64, "n": rows seen, …}   (quant/gptq.py; the
+                                first-position sink weighting is GPTQ's only: hessian(stats) here)
     update_stats(stats, x)      x: [..., I]                                       (quant/gptq.py)
     apply(module, stats, cfg)   bits None: the same module, weights pruned and updated in place;
                                 bits set: a PackedLinear whose pruned weights are the zero code (exactly 0)

@@ -4,7 +4,8 @@ Hessian of the layer's reconstruction loss ‖XWᵀ − XŴᵀ‖², so that the
 
 Three pure functions for the sequential engine (calibrate.py):
 
-    init_stats(module)          {"H": Σ XᵀX [I, I] float64, "n": rows seen}
+    init_stats(module)          {"H": Σ XᵀX [I, I] float64, "n": rows seen, "H0"/"n0": the same over each
+                                sequence's first position only (hessian's sink_weight)}
     update_stats(stats, x)      x: [..., I], the layer's inputs; adds xᵀx and the row count
     apply(module, stats, cfg)   a PackedLinear with the codes GPTQ chose
 
