@@ -146,6 +146,21 @@ def test_threads_give_the_same_numbers():
         assert torch.equal(kernels.linear_w8a8(x5, q8, s, None, "dynamic-per-token", isa=isa, threads=2), one)
 
 
+def test_thread_pool_many_jobs_more_threads_than_cores():
+    """Hundreds of back-to-back jobs of varying size and thread count (more threads than this machine's cores,
+    so helpers are often descheduled and the caller finishes their chunks): every result equals one thread's."""
+    shapes = [(9, 64), (1001, 256), (64, 128), (300, 64)]
+    data = []
+    for o, i in shapes:
+        qw, scales, zeros = packed(o, i, 4, 64, False)
+        x = torch.randn(1, i)
+        data.append((x, qw, scales, zeros, kernels.linear_packed(x, qw, scales, zeros, 4, 64, None, "f32", threads=1)))
+    for call in range(400):
+        x, qw, scales, zeros, one = data[call % len(data)]
+        t = (2, 3, 4, 8)[call % 4]
+        assert torch.equal(kernels.linear_packed(x, qw, scales, zeros, 4, 64, None, "f32", threads=t), one), call
+
+
 def test_thread_setting():
     kernels.set_num_threads(3)
     try:
