@@ -26,11 +26,11 @@ with this one, call for call, printing both and the ratio.
     python benchmarks/kernels.py --decode MODEL [--variants w8,w4g128,w4g32+h8] [--gen 64] [--rounds 5]
                                  [--baseline OLD/_native...so]
 
---decode: whole fused decode steps (NativeRunner, one row, 1 thread) of lmpress variants of MODEL (the recipes of
+--decode: whole fused decode steps (NativeRunner, one row, the first --threads value; 1 unless given) of lmpress variants of MODEL (the recipes of
 benchmarks/runtime.py), each build in turn per round (a plan per build: a plan belongs to the library that made
 it), greedy from the same prompt; tokens/s from the median step time, and whether the builds chose the same
 tokens. At one thread the time is the thread's CPU time
-(time.thread_time), so a shared machine's other processes cost less of the measure.
+(time.thread_time), so a shared machine's other processes cost less of the measure; at more, the wall clock.
 """
 
 from __future__ import annotations
@@ -229,12 +229,14 @@ def main_decode(a) -> None:
     if a.baseline:
         natives = {"base": load_native(a.baseline), **natives}
     mine = kernels._native
+    threads = a.threads[0]  # --decode takes one thread count (the first given)
     torch.set_num_threads(1)
-    kernels.set_num_threads(1)
+    kernels.set_num_threads(threads)
     base_lm = lmpress.load(a.decode)
     ids = torch.randint(3, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
-    clock = time.thread_time  # this thread's CPU time: the fused step runs on it at one thread
-    print(f"kernels --decode {a.decode}: fused decode at 1 thread, {a.gen} tokens after a 32-token prompt, median "
+    # at one thread, this thread's CPU time (the fused step runs on it); with helpers, the wall clock
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    print(f"kernels --decode {a.decode}: fused decode at {threads} thread(s), {a.gen} tokens after a 32-token prompt, median "
           f"step of {a.rounds} rounds; builds: {', '.join(natives)}\n")
     print("| variant | " + " | ".join(f"{k} tok/s" for k in natives) + (" | speed-up | same tokens |"
                                                                            if len(natives) > 1 else " |"))
