@@ -181,7 +181,10 @@ class GPTQ:
     contiguous and store packed like RTN's). block_size: columns per lazy update, a speed knob. keep_zeros:
     weights that are exactly 0 stay 0 (a pruned layer keeps its sparsity pattern, e.g. after SparseGPT).
     sink_weight: how many times each calibration sequence's first position (the attention sink, whose keys
-    and values every later token reads) counts in the Hessian (quant/gptq.py hessian; 1 = plain GPTQ)."""
+    and values every later token reads) counts in the Hessian (quant/gptq.py hessian; 1 = plain GPTQ).
+    grid: where each group's scale and zero come from: "minmax" (the group's range, integer zero; dynamic
+    per group unless static_groups) or "hqq" (HQQ's fractional zeros on the original weight, chosen up front,
+    asymmetric only; not after pruning, whose zeros it cannot hold)."""
 
     bits: int = 4
     group_size: int | None = 128
@@ -192,12 +195,17 @@ class GPTQ:
     block_size: int = 128
     keep_zeros: bool = True
     sink_weight: float = 64.0
+    grid: str = "minmax"
     targets: str | None = None
     ignore: str | None = DEFAULT_IGNORE
 
     def __post_init__(self):
         _check_bits(self.bits)
         _check_group(self.group_size)
+        if self.grid not in ("minmax", "hqq"):
+            raise BadInput(f"GPTQ grid must be 'minmax' or 'hqq', got {self.grid!r}")
+        if self.grid == "hqq" and self.symmetric:
+            raise BadInput("GPTQ grid='hqq' is asymmetric (fractional zero-points): drop symmetric=True")
         sw = self.sink_weight
         if isinstance(sw, bool) or not isinstance(sw, (int, float)) or not 1 <= sw < float("inf"):
             raise BadInput(f"GPTQ sink_weight must be a number >= 1, got {sw!r}")

@@ -111,11 +111,14 @@ def _group_params(w: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor
 
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
                   damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  block_size: int = 128, keep_zeros: bool = False) -> tuple[Tensor, QParams]:
+                  block_size: int = 128, keep_zeros: bool = False,
+                  grid: QParams | None = None) -> tuple[Tensor, QParams]:
     """W: [O, I] float, H: [I, I] (2/n · Σ XᵀX) → codes [O, I] uint8 and QParams (scale, zero: [O, n_groups],
     group_size as given; I must be a multiple of group_size: pad first). keep_zeros: weights that are exactly 0
     (a pruned layer's mask) get the code of 0 and stay 0, their error compensated like any other, so a
-    sparsity pattern survives quantization ([SparseGPT("2:4"), GPTQ(4, 128)])."""
+    sparsity pattern survives quantization ([SparseGPT("2:4"), GPTQ(4, 128)]). grid: every group's scale and
+    zero given up front (asymmetric; the zero may be fractional, as HQQ's: code = round(w/s + z)); GPTQ then
+    only chooses the codes. A fractional zero cannot hold a weight at exactly 0, so grid excludes keep_zeros."""
     bits = check_bits(bits)
     O, I = W.shape
     g = group_size or I
@@ -128,6 +131,8 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None
         raise BadInput(f"GPTQ damp must be a number >= 0, got {damp!r}")
     if not isinstance(block_size, int) or block_size < 1:
         raise BadInput(f"GPTQ block_size must be a positive integer, got {block_size!r}")
+    if grid is not None and (symmetric or tuple(grid.scale.shape) != (O, I // g)):
+        raise BadInput(f"gptq_quantize: grid must be asymmetric with scale/zero of shape {(O, I // g)}")
     W = W.detach().float().clone()
     if not torch.isfinite(W).all():
         raise BadInput("GPTQ: the weight contains inf or NaN")
@@ -140,13 +145,15 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    mask = (W == 0) if keep_zeros else None  # [O, I]: weights held at exactly 0
+    mask = (W == 0) if keep_zeros and grid is None else None  # [O, I]: weights held at exactly 0
 
     # parameters chosen up front: per channel, or static groups (on the un-permuted, un-updated weight)
     scale = torch.zeros(O, n_groups, device=W.device)  # [O, n_groups]
     zero = torch.zeros(O, n_groups, device=W.device)
-    upfront = group_size is None or static_groups
-    if upfront:
+    upfront = group_size is None or static_groups or grid is not None
+    if grid is not None:
+        scale, zero = grid.scale.float().clone(), grid.zero.float().clone()
+    elif upfront:
         for k in range(n_groups):
             scale[:, k], zero[:, k] = _group_params(W[:, k * g:(k + 1) * g], bits, symmetric)
 
@@ -178,7 +185,10 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None
             k = group_of[j]
             s, z = scale[:, k], zero[:, k]  # [O]
             w = W1[:, i]  # [O]
-            q = torch.clamp(torch.round(w / s) + z, qlo, qhi)  # codes, the formula of primitives.quantize
+            if grid is None:
+                q = torch.clamp(torch.round(w / s) + z, qlo, qhi)  # codes, the formula of primitives.quantize
+            else:
+                q = torch.clamp(torch.round(w / s + z), qlo, qhi)  # a fractional zero's codes (quant/hqq.py)
             if mask is not None:
                 q = torch.where(mask[:, j], z, q)  # z is an integer code in range: (z − z)·s = 0 exactly
             codes[:, j] = q.to(torch.uint8)
@@ -205,9 +215,17 @@ def apply(module: torch.nn.Module, stats: dict, config) -> PackedLinear:
         pad = W.shape[1] - in_f  # real diagonal, so that the dampening (∝ mean diag) does not change
         d = float(torch.diagonal(H).mean()) or 1.0
         H = torch.block_diag(H, d * torch.eye(pad, dtype=H.dtype, device=H.device))
+    grid = None
+    if getattr(config, "grid", "minmax") == "hqq":  # HQQ's scales and zeros on the original weight (hqq.py)
+        if float((W[:, :in_f] == 0).float().mean()) > 0.1:
+            raise BadInput("GPTQ grid='hqq' cannot keep a pruned layer's zeros at exactly 0 (its zero-points are "
+                           "fractional): use grid='minmax' after pruning")
+        from .hqq import hqq_qparams
+
+        grid = hqq_qparams(W, bits, group_size)[1]
     codes, qp = gptq_quantize(W, H, bits, group_size, symmetric, damp=getattr(config, "damp", 0.01),
                               act_order=getattr(config, "act_order", False),
                               static_groups=getattr(config, "static_groups", False),
                               block_size=getattr(config, "block_size", 128),
-                              keep_zeros=getattr(config, "keep_zeros", True))
+                              keep_zeros=getattr(config, "keep_zeros", True), grid=grid)
     return PackedLinear.from_codes(codes[:, :in_f], qp, module.bias, symmetric=symmetric)
