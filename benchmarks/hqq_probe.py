@@ -1,0 +1,139 @@
+"""HQQ against RTN at low bits: end-to-end KLD of fake-quantized weights, and per-layer errors with real inputs.
+
+Written for the one row where HQQ loses (Qwen2.5-0.5B, w3 g64, benchmarks/quantization.md): is it the
+selection rule, the packed path, a layer type, or the text sample?
+
+    LMPRESS_DATA=../shared/data python benchmarks/hqq_probe.py MODEL --bits 3 --group 64 --windows 20 \\
+        [--offset 0] [--variants rtn,hqq,hqq-l1,hqq-l2,hqq-official,hqq-kv-rtn] [--layers]
+
+KLD: every linear layer but the head fake-quantized (float weights set to dequantized codes, so no packed
+kernel is involved), WikiText-2 windows of 512 (BOS + 511 tokens, the last 256 scored, from window
+--offset), KLD to the float model. Variants: rtn (min-max, integer zero); hqq (lmpress: per group the
+iterate with the lowest Σ|e|^0.7); hqq-l1 / hqq-l2 (the same iterates, kept by Σ|e| / Σe²); hqq-official
+(the HQQ library's rule: stop when the whole tensor's mean |e| rises); hqq-kv-rtn (hqq, but k_proj and
+v_proj by RTN). --layers: per layer type, HQQ's error over RTN's — on the weight, and on the layer's output
+with real inputs (XᵀX of 4 later windows) — instead of the KLD.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from lmpress import models
+from lmpress.data import load_text, tokenize
+from lmpress.quant.hqq import _shrink, hqq_qparams
+from lmpress.quant.primitives import compute_qparams, dequantize, quantize
+from lmpress.quant.rtn import storage_qparams
+
+
+def hqq_variant(w, bits, group, rule, iters=20, p=0.7, beta=10.0, kappa=1.01):
+    """Dequantized weight of HQQ's zero-point iterations kept by `rule` (l1, l2, official)."""
+    qp = storage_qparams(compute_qparams(w, bits, group, symmetric=False))
+    O, I = w.shape
+    wg = w.reshape(O, qp.scale.shape[1], -1)
+    s, z = qp.scale[..., None], qp.zero[..., None]
+    codes = lambda zero: torch.clamp(torch.round(wg / s + zero), 0, 2**bits - 1)  # noqa: E731
+    err = lambda zero: (codes(zero) - zero) * s - wg  # noqa: E731
+    norm = {"l1": 1.0, "l2": 2.0}.get(rule)
+    best_z = z
+    best = err(z).abs().mean() if norm is None else err(z).abs().pow(norm).sum(-1, keepdim=True)
+    for _ in range(iters):
+        z = (codes(z) - (wg - _shrink(wg - (codes(z) - z) * s, beta, p)) / s).mean(-1, keepdim=True).half().float()
+        beta *= kappa
+        if norm is None:  # official: one decision for the whole tensor, stop at the first rise
+            e = err(z).abs().mean()
+            if e >= best:
+                break
+            best, best_z = e, z
+        else:
+            e = err(z).abs().pow(norm).sum(-1, keepdim=True)
+            better = e < best
+            best_z, best = torch.where(better, z, best_z), torch.where(better, e, best)
+    return ((codes(best_z) - best_z) * s).reshape(O, I)
+
+
+def fake_quant(w, bits, group, variant, name):
+    if variant == "rtn" or (variant == "hqq-kv-rtn" and ("k_proj" in name or "v_proj" in name)):
+        qp = storage_qparams(compute_qparams(w, bits, group, symmetric=False))
+        return dequantize(quantize(w, qp), qp)
+    if variant in ("hqq", "hqq-kv-rtn"):
+        codes, qp = hqq_qparams(w, bits, group)
+        c = codes.float().reshape(w.shape[0], qp.scale.shape[1], -1)
+        return ((c - qp.zero[..., None]) * qp.scale[..., None]).reshape(w.shape)
+    return hqq_variant(w, bits, group, variant.removeprefix("hqq-"))
+
+
+def windows(lm, ids, first, n):
+    ids = torch.as_tensor(ids)
+    return torch.stack([torch.cat([torch.tensor([lm.bos_id]), ids[(first + i) * 511:(first + i + 1) * 511]])
+                        for i in range(n)])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=20)
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--variants", default="rtn,hqq")
+    ap.add_argument("--layers", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    lm = models.load(a.model)
+    ids = tokenize(lm.tokenizer, load_text("wikitext2"))
+    lins = {n: m for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear) and n != lm.arch.lm_head}
+    orig = {n: m.weight.detach().float().clone() for n, m in lins.items()}
+    print(f"hqq_probe {os.path.basename(a.model)}: w{a.bits} g{a.group}", file=sys.stderr)
+    if a.layers:
+        H = {}
+
+        def hook(name):
+            def f(mod, inp, out):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+                H[name] = H.get(name, 0) + x.T @ x
+            return f
+
+        hs = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
+        with torch.inference_mode():
+            lm.model(windows(lm, ids, 100, 4))
+        for h in hs:
+            h.remove()
+        per_type = {}
+        for n, w in orig.items():
+            er = w - fake_quant(w, a.bits, a.group, "rtn", n)
+            eh = w - fake_quant(w, a.bits, a.group, "hqq", n)
+            Hn = H[n].float()
+            out = lambda e: float(((e @ Hn) * e).sum())  # noqa: E731  ‖E X‖² summed over the 4 windows
+            per_type.setdefault(n.split(".")[-1], []).append(
+                (float((eh**2).sum() / (er**2).sum()), out(eh) / out(er)))
+        print("| layer type | HQQ/RTN weight error² | HQQ/RTN output error² (real inputs) |\n|---|---|---|")
+        for k, v in per_type.items():
+            t = torch.tensor(v).mean(0).tolist()
+            print(f"| {k} | {t[0]:.3f} | {t[1]:.3f} |")
+        return
+    ev = windows(lm, ids, a.offset, a.windows)
+
+    @torch.inference_mode()
+    def logp(i):
+        return F.log_softmax(lm.model(ev[i:i + 2]).logits[:, 256:].float(), -1)
+
+    base = [logp(i).half() for i in range(0, a.windows, 2)]  # fp16 keeps the float model's 20 windows in 1.5 GB
+    print(f"| variant | KLD (windows {a.offset}–{a.offset + a.windows - 1}) |\n|---|---|")
+    for v in a.variants.split(","):
+        with torch.no_grad():
+            for n, m in lins.items():
+                m.weight.copy_(fake_quant(orig[n], a.bits, a.group, v, n))
+        tot = 0.0
+        for j, i in enumerate(range(0, a.windows, 2)):
+            b, lp = base[j].float(), logp(i)
+            tot += float((b.exp() * (b - lp)).sum(-1).sum())
+        print(f"| {v} | {tot / (a.windows * 256):.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
