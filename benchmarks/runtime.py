@@ -5,7 +5,8 @@ greedy, 128 new tokens; each decode figure also as a fraction of the memory-band
 usage: python benchmarks/runtime.py [MODEL] [--threads 1,2] [--gen 128] [--prompt-tokens 64] [--repeats 3]
            [--variants transformers,fp32,w8,w4g128,w4g32[,w8a8,w8+h8,w4g128+h8,w4g32+h8]]
            [--llamacpp Q8_0.gguf,Q4_0.gguf]
-           [--llamacpp-python /work/llvenv/bin/python] [--make-gguf DIR] [--draft MODEL --draft-k 4]
+           [--llamacpp-python /work/llvenv/bin/python] [--make-gguf DIR]
+           [--draft MODEL --draft-k 4 --spec-variants fp32:w4g128+h8,...]
            [--out FILE.jsonl]
        python benchmarks/runtime.py --overhead [--layers 30]    per-token Python cost of the decode loop
 
@@ -166,19 +167,38 @@ def overhead(layers: int, gen: int = 128, repeats: int = 5) -> None:
               f"1 thread)")
 
 
-def speculative_row(base, draft_path: str, k: int, prompt_tokens: int, gen: int, threads: int) -> dict:
+def text_prompt(lm, prompt_tokens: int) -> list[int]:
+    """BOS then the first tokens of the built-in corpus (CPython's documentation text): a natural prompt, as
+    speculative decoding's acceptance rate depends on the text (seeded random ids make both models guess)."""
+    from lmpress.data import load_text, tokenize
+
+    ids = tokenize(lm.tokenizer, load_text("builtin")[:20 * prompt_tokens]).tolist()
+    return ([lm.bos_id] if lm.bos_id is not None else []) + ids[:prompt_tokens - (lm.bos_id is not None)]
+
+
+def speculative_row(base, draft_lm, pair: str, k: int, prompt_tokens: int, gen: int, threads: int,
+                    repeats: int) -> dict:
+    """Target alone vs target drafted by `draft_lm`, pair = "TARGET:DRAFT" recipes (fp32: none; one name: both),
+    alternating `repeats` rounds after a warm-up, medians; the outputs are checked identical."""
+    tv, _, dv = pair.partition(":")
+    dv = dv or tv
     torch.set_num_threads(threads)
-    draft_lm = lmpress.load(draft_path)
     max_len = prompt_tokens + gen + k + 2
-    target, draft = Engine(base, max_len=max_len), Engine(draft_lm, max_len=max_len)
-    ids = bench_prompt(base, 1, prompt_tokens)[0].tolist()
+    target = Engine(make_variant(base, tv), max_len=max_len)
+    draft = Engine(make_variant(draft_lm, dv), max_len=max_len)
+    ids = text_prompt(base, prompt_tokens)
     p = SamplingParams(max_tokens=gen, ignore_eos=True)
-    alone = target.generate(ids, p)
-    spec = speculative_generate(target, draft, ids, p, k)
-    assert spec.token_ids == alone.token_ids, "speculative output differs from the target's greedy output"
-    return {"variant": f"fp32 + draft {draft_lm.name} k={k}", "threads": threads,
-            "decode_tok_s": spec.decode_tokens_per_s, "target_alone_tok_s": alone.decode_tokens_per_s,
-            "speedup": spec.decode_tokens_per_s / alone.decode_tokens_per_s,
+    alone_s, spec_s = [], []
+    for r in range(repeats + 1):  # round 0 warms up; alternating, so load hits both alike
+        alone = target.generate(ids, p)
+        spec = speculative_generate(target, draft, ids, p, k)
+        assert spec.token_ids == alone.token_ids, "speculative output differs from the target's greedy output"
+        if r:
+            alone_s.append(alone.decode_tokens_per_s)
+            spec_s.append(spec.decode_tokens_per_s)
+    a, b = statistics.median(alone_s), statistics.median(spec_s)
+    return {"variant": f"target {tv} + draft {draft_lm.name} {dv} k={k}", "threads": threads,
+            "decode_tok_s": b, "target_alone_tok_s": a, "speedup": b / a,
             "acceptance_rate": spec.stats["acceptance_rate"]}
 
 
@@ -194,7 +214,9 @@ def main() -> None:
     ap.add_argument("--llamacpp-python", default="/work/llvenv/bin/python")
     ap.add_argument("--make-gguf", help="folder: make F32/Q8_0/Q4_0 GGUFs of MODEL there and run them")
     ap.add_argument("--draft", help="draft model: adds a speculative-decoding row (greedy, checked identical)")
-    ap.add_argument("--draft-k", type=int, default=4)
+    ap.add_argument("--draft-k", default="4", help="tokens the draft proposes per round (comma-separated: a row each)")
+    ap.add_argument("--spec-variants", default="fp32:w4g128+h8",
+                    help="comma-separated TARGET:DRAFT recipe pairs for the speculative rows (one name: both)")
     ap.add_argument("--out", help="append the rows to this JSONL file")
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--layers", type=int, default=30)
@@ -205,7 +227,7 @@ def main() -> None:
 
     threads = [int(t) for t in a.threads.split(",")]
     base = lmpress.load(a.model)
-    names = a.variants.split(",")
+    names = [n for n in a.variants.split(",") if n and n != "none"]
     variants = {n: make_variant(base, n) for n in names}
     runners = {n: NativeRunner(lm, max_len=a.prompt_tokens + a.gen + 1) for n, lm in variants.items()
                if n != "transformers"}
@@ -235,7 +257,9 @@ def main() -> None:
             rows.append({**row, "copy_bw_gb_s": bw / 1e9, "roofline_fraction": row["decode_tok_s"] *
                          row["weight_bytes"] / bw})
     if a.draft:
-        rows += [speculative_row(base, a.draft, a.draft_k, a.prompt_tokens, a.gen, t) for t in threads]
+        draft_lm = lmpress.load(a.draft)
+        rows += [speculative_row(base, draft_lm, v, int(k), a.prompt_tokens, a.gen, t, a.repeats)
+                 for v in a.spec_variants.split(",") for k in a.draft_k.split(",") for t in threads]
 
     ref = {r["threads"]: r["decode_tok_s"] for r in rows if r["variant"] == "transformers"}
     print(f"{Path(a.model).name}: prompt {a.prompt_tokens} tokens, {a.gen} new tokens greedy, median of "

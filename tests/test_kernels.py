@@ -82,6 +82,42 @@ def test_int8_weight_only_and_w8a8(shape):
                     assert torch.equal(y, ref.linear_w8a8(x, qw, s, b, mode, 0.05, 60)), (m, isa, mode)
 
 
+@pytest.mark.parametrize("shape", [(37, 576), (3, 31), (8, 33), (64, 7), (1, 1)])
+def test_linear_float_matches_float64(shape):
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(1)
+    w, bias = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g)
+    for m in (1, 2, 3, 5, 8, 16):
+        x = torch.randn(m, in_f, generator=g)
+        for b in (bias, None):
+            r = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()).float()
+            for isa in ISAS:
+                for threads in (1, 2):
+                    close(kernels.linear_float(x, w, b, isa=isa, threads=threads), r)
+    x = torch.randn(2, 3, in_f, generator=g)  # leading dimensions kept
+    close(kernels.linear_float(x, w, bias), torch.nn.functional.linear(x.double(), w.double(), bias.double()).float())
+    with pytest.raises(ValueError):
+        kernels.linear_float(x, w.half(), None)
+
+
+def test_runner_few_rows_float_path_equals_torch(tokenizer, monkeypatch):
+    # NativeRunner's per-op path (a speculative verification: 5 tokens after a cached prefix) on the native float
+    # kernel gives F.linear's logits up to summation order
+    from lmpress.runtime import NativeRunner
+    from lmpress.runtime import model as runtime_model
+
+    lm = tiny_model("qwen2", tokenizer)  # biased q/k/v projections
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for rows in (8, 0):
+        monkeypatch.setattr(runtime_model, "FLOAT_MAX_ROWS", rows)
+        r = NativeRunner(lm, max_len=32)
+        r.prefill(ids[:, :7])
+        out[rows] = r.prefill(ids[:, 7:], start=7, all_logits=True)
+    assert out[8].shape == (1, 5, lm.config.vocab_size)
+    close(out[8], out[0])
+
+
 def test_degenerate_activations():
     # all-zero rows (q8 block scale 0, w8a8 range 0) and a huge outlier stay finite and match the twins
     qw, scales, zeros = packed(16, 96, 4, 32, False)

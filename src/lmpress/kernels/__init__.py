@@ -12,6 +12,9 @@ against libtorch), with the GIL released, on a small thread pool of its own:
                  quant.primitives.dequantize ((code − zero) then · scale, two rounded float32 steps): the layers'
                  path for inputs of more than MAX_ROWS rows (prefill, evaluation batches) writes it into a scratch
                  buffer reused across layers (scratch()) and runs torch's float matmul on it
+  linear_float   a float32 nn.Linear weight [O, I] for inputs of a few rows (NativeRunner's per-op path: speculative
+                 verification, batched decode), where torch's GEMM costs about one GEMV per row: each tile of 4
+                 weight rows is read from memory once for all the rows
   linear_w8a8    the same storage with activations on one uint8 grid per call: the integer arithmetic of PyTorch's
                  fbgemm quantized linear, which the w8a8 formats are defined by (nn/int8_dynamic.py)
 
@@ -183,6 +186,19 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     y = torch.empty(x2.shape[0], O, dtype=torch.float32)
     _native.linear(_ptr(x2), x2.shape[0], I, _ptr(qweight), I, O, 8, 0, _ptr(scales), 0, 0, 0, _ptr(bias), _ptr(y),
                    ACTS[act], _isa(isa), threads or get_num_threads())
+    return _shaped(y, x)
+
+
+def linear_float(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, isa: str | None = None,
+                 threads: int | None = None) -> torch.Tensor:
+    """x [..., I] float32 · weight float32 [O, I]ᵀ + bias → [..., O] float32 (F.linear up to summation order)."""
+    O, I = weight.shape
+    if weight.dtype is not torch.float32 or (bias is not None and bias.dtype is not torch.float32):
+        raise ValueError(f"linear_float takes float32 weights; got {weight.dtype}")
+    x2 = _rows(x, I)
+    y = torch.empty(x2.shape[0], O, dtype=torch.float32)
+    _native.linear_f32(_ptr(x2), x2.shape[0], I, _ptr(weight), O, _ptr(bias), _ptr(y), _isa(isa),
+                       threads or get_num_threads())
     return _shaped(y, x)
 
 

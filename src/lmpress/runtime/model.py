@@ -100,12 +100,25 @@ def _device_dtype(lm):
 
 
 def projection(mod: torch.nn.Module):
-    """The callable the decode loop uses for a linear layer: F.linear bound to a float nn.Linear's tensors,
+    """The callable the decode loop uses for a linear layer: _float_linear bound to a float nn.Linear's tensors,
     else the module's own forward (an lmpress format, with whatever kernel it picks). Both skip
     nn.Module.__call__'s hook machinery, a few µs per call that add up over 7 projections × every layer."""
     if type(mod) is torch.nn.Linear:
+        if _cpu_f32(mod.weight, mod.bias):
+            return partial(_float_linear, weight=mod.weight, bias=mod.bias)
         return partial(F.linear, weight=mod.weight, bias=mod.bias)
     return mod.forward
+
+
+FLOAT_MAX_ROWS = 8  # measured: beyond 8 rows torch's GEMM overtakes kernels.linear_float
+
+
+def _float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, or the native kernel for inputs of a few rows (kernels.linear_float: torch's GEMM costs about
+    one GEMV per row there, which made verifying a speculative draft cost several decode steps)."""
+    if x.numel() <= FLOAT_MAX_ROWS * x.shape[-1] and kernels.usable(x):
+        return kernels.linear_float(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _cpu_f32(*ts) -> bool:

@@ -149,6 +149,97 @@ LMP_AVX2_FN void f32_rows_avx2(const Lin& L, const float* x, float* y, int64_t o
 }
 #endif
 
+// ---- the float linear of a few rows (prefill of a few tokens: speculative verification, batched decode) -------
+// Y[M, O] = X[M, I] · Wᵀ + b. torch's float GEMM at M = 2..16 costs about M GEMVs here (a compute-bound blocking
+// that suits large M); this reads each tile of 4 weight rows from memory once and runs every activation row over
+// it while it sits in L1/L2: pairs of activation rows × 4 weight rows = 8 accumulator chains, the weights
+// prefetched on the first pair only. Summation order per output: 8-lane partial sums, then the column tail.
+
+struct GemmF32 {
+    const float *x, *w, *bias;
+    float* y;
+    int64_t M, I, O;
+    int isa;
+};
+
+void f32_gemm_scalar(const GemmF32& g, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+        for (int64_t m = 0; m < g.M; ++m)
+            g.y[m * g.O + o] = dot_scalar(g.w + o * g.I, g.x + m * g.I, g.I) + (g.bias ? g.bias[o] : 0.f);
+}
+
+#ifdef LMP_X86
+LMP_AVX2_FN void f32_gemm_avx2(const GemmF32& g, int64_t o0, int64_t o1) {
+    const int64_t I = g.I, I8 = I & ~int64_t(7), M = g.M, O = g.O;
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        const float* w[4] = {g.w + o * I, g.w + (o + 1) * I, g.w + (o + 2) * I, g.w + (o + 3) * I};
+        const char* pf = reinterpret_cast<const char*>(w[0]) + 8192;
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) {
+            const float *x0 = g.x + m * I, *x1 = x0 + I;
+            __m256 a0[4], a1[4];
+            for (int r = 0; r < 4; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < I8; i += 8) {
+                if (m == 0 && (i & 15) == 0) {
+                    const char* c = pf + i * 16;
+                    _mm_prefetch(c, _MM_HINT_T0), _mm_prefetch(c + 64, _MM_HINT_T0);
+                    _mm_prefetch(c + 128, _MM_HINT_T0), _mm_prefetch(c + 192, _MM_HINT_T0);
+                }
+                const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
+                for (int r = 0; r < 4; ++r) {
+                    const __m256 wr = _mm256_loadu_ps(w[r] + i);
+                    a0[r] = _mm256_fmadd_ps(wr, v0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(wr, v1, a1[r]);
+                }
+            }
+            for (int r = 0; r < 4; ++r) {
+                float s0 = hsum8(a0[r]), s1 = hsum8(a1[r]);
+                for (int64_t i = I8; i < I; ++i) s0 += w[r][i] * x0[i], s1 += w[r][i] * x1[i];
+                const float b = g.bias ? g.bias[o + r] : 0.f;
+                g.y[m * O + o + r] = s0 + b, g.y[(m + 1) * O + o + r] = s1 + b;
+            }
+        }
+        if (m < M) {  // the last, odd row
+            const float* x0 = g.x + m * I;
+            __m256 a0[4];
+            for (int r = 0; r < 4; ++r) a0[r] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < I8; i += 8) {
+                if (m == 0 && (i & 15) == 0) {
+                    const char* c = pf + i * 16;
+                    _mm_prefetch(c, _MM_HINT_T0), _mm_prefetch(c + 64, _MM_HINT_T0);
+                    _mm_prefetch(c + 128, _MM_HINT_T0), _mm_prefetch(c + 192, _MM_HINT_T0);
+                }
+                const __m256 v0 = _mm256_loadu_ps(x0 + i);
+                for (int r = 0; r < 4; ++r) a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + i), v0, a0[r]);
+            }
+            for (int r = 0; r < 4; ++r) {
+                float s0 = hsum8(a0[r]);
+                for (int64_t i = I8; i < I; ++i) s0 += w[r][i] * x0[i];
+                g.y[m * O + o + r] = s0 + (g.bias ? g.bias[o + r] : 0.f);
+            }
+        }
+    }
+    for (; o < o1; ++o)
+        for (int64_t m = 0; m < M; ++m) {
+            const float *wo = g.w + o * I, *xm = g.x + m * I;
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t i = 0; i < I8; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(wo + i), _mm256_loadu_ps(xm + i), a);
+            float s = hsum8(a);
+            for (int64_t i = I8; i < I; ++i) s += wo[i] * xm[i];
+            g.y[m * O + o] = s + (g.bias ? g.bias[o] : 0.f);
+        }
+}
+#endif
+
+void gemm_f32_rows(void* ctx, int64_t o0, int64_t o1) {
+    const GemmF32& g = *static_cast<const GemmF32*>(ctx);
+#ifdef LMP_X86
+    if (g.isa >= ISA_AVX2) return f32_gemm_avx2(g, o0, o1);
+#endif
+    f32_gemm_scalar(g, o0, o1);
+}
+
 float dot(const float* a, const float* b, int64_t n, int isa) {
 #ifdef LMP_X86
     if (isa >= ISA_AVX2) return dot_avx2(a, b, n);
@@ -431,6 +522,23 @@ PyObject* py_decode_plan(PyObject*, PyObject* args) {
     PyObject* cap = PyCapsule_New(P.get(), "lmpress.decode_plan", free_plan);
     if (cap) P.release();
     return cap;
+}
+
+// linear_f32(x, M, I, w, O, bias, y, isa, threads): y [M, O] = x [M, I] · w [O, I]ᵀ + bias (0: none), float32
+PyObject* py_linear_f32(PyObject*, PyObject* args) {
+    unsigned long long x, w, bias, y;
+    long long M, I, O;
+    int isa, threads;
+    if (!PyArg_ParseTuple(args, "KLLKLKKii", &x, &M, &I, &w, &O, &bias, &y, &isa, &threads)) return nullptr;
+    if (M < 0 || I <= 0 || O < 0) return PyErr_Format(PyExc_ValueError, "lmpress linear_f32: bad shape");
+    GemmF32 g{addr<const float>(x), addr<const float>(w), bias ? addr<const float>(bias) : nullptr, addr<float>(y),
+              M, I, O, clamp_isa(isa)};
+    Py_BEGIN_ALLOW_THREADS
+    const int t = std::max(threads, 1);
+    const int64_t chunk = (std::max<int64_t>(4, (O + 4 * t - 1) / (4 * t)) + 3) & ~int64_t(3);
+    parallel_for(O, chunk, t, gemm_f32_rows, &g);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 PyObject* py_decode_step(PyObject*, PyObject* args) {

@@ -181,6 +181,7 @@ void prepare_w8a8(Problem& p, const float* xin, int mode, double in_scale, int i
 // decode.cpp
 PyObject* py_decode_plan(PyObject*, PyObject* args);
 PyObject* py_decode_step(PyObject*, PyObject* args);
+PyObject* py_linear_f32(PyObject*, PyObject* args);
 
 namespace {
 
@@ -292,6 +293,7 @@ PyMethodDef methods[] = {
     {"tile_params", py_tile_params, METH_VARARGS, "fp16 scales and zeros [ng, O] regrouped per tile of 8 rows"},
     {"dequant", py_dequant, METH_VARARGS, "packed codes (bits 2..8) to a float32 weight on raw buffers"},
     {"w8a8", py_w8a8, METH_VARARGS, "fbgemm-compatible int8 linear on raw buffers (see lmpress.kernels)"},
+    {"linear_f32", py_linear_f32, METH_VARARGS, "float32 linear of a few rows on raw buffers (see lmpress.kernels)"},
     {"decode_plan", py_decode_plan, METH_VARARGS, "a Llama-family model's fused decode plan (see lmpress.kernels)"},
     {"decode_step", py_decode_step, METH_VARARGS, "one fused decode step of one token (see lmpress.kernels)"},
     {nullptr, nullptr, 0, nullptr}};
