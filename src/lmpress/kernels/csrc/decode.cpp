@@ -240,6 +240,74 @@ void gemm_f32_rows(void* ctx, int64_t o0, int64_t o1) {
     f32_gemm_scalar(g, o0, o1);
 }
 
+// e^x elementwise in place. AVX2: x = n·ln2 + r (|r| ≤ ln2/2, ln2 in two parts), e^r by its Taylor polynomial
+// to degree 7 (truncation below 1e-8 relative: within an ulp or two of expf), times 2^n built in the exponent
+// bits; x is clamped to [−87.3, 88.3] so 2^n stays a normal float (e^x below e^−87.3 ≈ 1e−38 reads as that,
+// not 0: no overflow, no denormals); against double exp over [−80, 80] its relative error is at most 7.6e-8. Scalar:
+// std::exp. Used for the decode step's SiLU and softmax (SmolLM2 w4g128+h8 at 1 thread: 4% faster per token).
+void exp_scalar(float* v, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) v[i] = std::exp(v[i]);
+}
+
+#ifdef LMP_X86
+LMP_AVX2_FN inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);   // ln2, high part (exact in n·hi)
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);       // ln2, low part
+    __m256 p = _mm256_set1_ps(1.f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+LMP_AVX2_FN void exp_avx2(float* v, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, exp8(_mm256_loadu_ps(v + i)));
+    if (i < n) {  // the tail through a zero-padded register
+        alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::memcpy(t, v + i, (n - i) * sizeof(float));
+        _mm256_store_ps(t, exp8(_mm256_load_ps(t)));
+        std::memcpy(v + i, t, (n - i) * sizeof(float));
+    }
+}
+
+// g = silu(g)·u = g / (1 + e^−g) · u
+LMP_AVX2_FN void silu_mul_avx2(float* g, const float* u, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+#endif
+
+void exp_inplace(float* v, int64_t n, int isa) {
+#ifdef LMP_X86
+    if (isa >= ISA_AVX2) return exp_avx2(v, n);
+#endif
+    (void)isa;
+    exp_scalar(v, n);
+}
+
+void silu_mul(float* g, const float* u, int64_t n, int isa) {
+#ifdef LMP_X86
+    if (isa >= ISA_AVX2) return silu_mul_avx2(g, u, n);
+#endif
+    (void)isa;
+    for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 float dot(const float* a, const float* b, int64_t n, int isa) {
 #ifdef LMP_X86
     if (isa >= ISA_AVX2) return dot_avx2(a, b, n);
@@ -365,8 +433,10 @@ void attn_heads(void* ctx, int64_t h0, int64_t h1) {
             s[t] = dot(qh, K + t * Dh, Dh, c.isa) * P.scale;
             mx = std::max(mx, s[t]);
         }
+        for (int64_t t = 0; t < c.len; ++t) s[t] -= mx;
+        exp_inplace(s, c.len, c.isa);
         float sum = 0.f;
-        for (int64_t t = 0; t < c.len; ++t) sum += (s[t] = std::exp(s[t] - mx));
+        for (int64_t t = 0; t < c.len; ++t) sum += s[t];
         float* o = c.out + h * Dh;
         std::fill(o, o + Dh, 0.f);
         for (int64_t t = 0; t < c.len; ++t) axpy(s[t], V + t * Dh, o, Dh, c.isa);
@@ -400,7 +470,7 @@ void step(Plan& P, int64_t token, int64_t pos, float* logits, int isa, int threa
         rmsnorm(x, L.mlp_norm, h, D, P.eps);
         linears(P, h, {{&L.gate, g}, {&L.up, u}}, isa, threads);
         const int64_t F = L.gate.O;
-        for (int64_t j = 0; j < F; ++j) g[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];  // silu(gate)·up
+        silu_mul(g, u, F, isa);  // silu(gate)·up
         linears(P, g, {{&L.down, t}}, isa, threads);
         for (int64_t j = 0; j < D; ++j) x[j] += t[j];
     }
