@@ -16,8 +16,8 @@ unix = sys.platform != "win32"
 setup(ext_modules=[Extension(
     "lmpress.kernels._native",
     sources=[f"{CSRC}/{f}" for f in ("module.cpp", "pool.cpp", "scalar.cpp", "avx2.cpp", "vnni.cpp", "dequant.cpp",
-                                     "decode.cpp")],
-    depends=[f"{CSRC}/kernels.h", f"{CSRC}/simd_body.h"],
+                                     "decode.cpp", "lowbit.cpp")],
+    depends=[f"{CSRC}/kernels.h", f"{CSRC}/simd_body.h", f"{CSRC}/avx2_util.h"],
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno"] if unix else ["/O2"],
     extra_link_args=["-pthread"] if unix else [],
     optional=True,

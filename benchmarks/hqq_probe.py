@@ -4,15 +4,17 @@ Written for the one row where HQQ loses (Qwen2.5-0.5B, w3 g64, benchmarks/quanti
 selection rule, the packed path, a layer type, or the text sample?
 
     LMPRESS_DATA=../shared/data python benchmarks/hqq_probe.py MODEL --bits 3 --group 64 --windows 20 \\
-        [--offset 0] [--variants rtn,hqq,hqq-l1,hqq-l2,hqq-official,hqq-kv-rtn] [--layers]
+        [--offset 0] [--variants rtn,hqq,hqq-l1,hqq-l2,hqq-official,hqq-kv-rtn,hqq-mean] [--layers]
 
 KLD: every linear layer but the head fake-quantized (float weights set to dequantized codes, so no packed
 kernel is involved), WikiText-2 windows of 512 (BOS + 511 tokens, the last 256 scored, from window
 --offset), KLD to the float model. Variants: rtn (min-max, integer zero); hqq (lmpress: per group the
 iterate with the lowest Σ|e|^0.7); hqq-l1 / hqq-l2 (the same iterates, kept by Σ|e| / Σe²); hqq-official
 (the HQQ library's rule: stop when the whole tensor's mean |e| rises); hqq-kv-rtn (hqq, but k_proj and
-v_proj by RTN). --layers: per layer type, HQQ's error over RTN's — on the weight, and on the layer's output
-with real inputs (XᵀX of 4 later windows) — instead of the KLD.
+v_proj by RTN); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0).
+--layers: per layer type, HQQ's error over RTN's — on the weight, on the layer's output with real inputs
+(XᵀX of 4 later windows), on each group's mean (a bias), at each group's largest weight, and on the 1% input
+columns of largest norm — instead of the KLD.
 """
 
 import argparse
@@ -59,10 +61,13 @@ def fake_quant(w, bits, group, variant, name):
     if variant == "rtn" or (variant == "hqq-kv-rtn" and ("k_proj" in name or "v_proj" in name)):
         qp = storage_qparams(compute_qparams(w, bits, group, symmetric=False))
         return dequantize(quantize(w, qp), qp)
-    if variant in ("hqq", "hqq-kv-rtn"):
+    if variant in ("hqq", "hqq-kv-rtn", "hqq-mean"):
         codes, qp = hqq_qparams(w, bits, group)
         c = codes.float().reshape(w.shape[0], qp.scale.shape[1], -1)
-        return ((c - qp.zero[..., None]) * qp.scale[..., None]).reshape(w.shape)
+        z = qp.zero[..., None]
+        if variant == "hqq-mean":  # same codes, the zero moved so that each group's mean error is 0
+            z = (c - w.reshape(c.shape) / qp.scale[..., None]).mean(-1, keepdim=True).half().float()
+        return ((c - z) * qp.scale[..., None]).reshape(w.shape)
     return hqq_variant(w, bits, group, variant.removeprefix("hqq-"))
 
 
@@ -109,12 +114,22 @@ def main(argv=None):
             eh = w - fake_quant(w, a.bits, a.group, "hqq", n)
             Hn = H[n].float()
             out = lambda e: float(((e @ Hn) * e).sum())  # noqa: E731  ‖E X‖² summed over the 4 windows
-            per_type.setdefault(n.split(".")[-1], []).append(
-                (float((eh**2).sum() / (er**2).sum()), out(eh) / out(er)))
-        print("| layer type | HQQ/RTN weight error² | HQQ/RTN output error² (real inputs) |\n|---|---|---|")
+            wg = w.reshape(w.shape[0], -1, a.group)
+            at_max = wg.abs().argmax(-1, keepdim=True)
+            top = w.norm(dim=0).topk(max(1, w.shape[1] // 100)).indices  # the 1% largest input columns
+
+            def stats(e):
+                eg = e.reshape(wg.shape)
+                return torch.tensor([float((e**2).sum()), out(e), float((eg.mean(-1)**2).sum()),
+                                     float(eg.gather(-1, at_max).abs().sum()), float((e[:, top]**2).sum())])
+            per_type.setdefault(n.split(".")[-1], []).append((stats(eh) / stats(er)).tolist())
+        print("| layer type | weight error² | output error² (real inputs) | group-mean error² (bias) | "
+              "|error| at each group's largest weight | error² on the 1% largest-norm columns |\n"
+              "|---|---|---|---|---|---|")
         for k, v in per_type.items():
             t = torch.tensor(v).mean(0).tolist()
-            print(f"| {k} | {t[0]:.3f} | {t[1]:.3f} |")
+            print(f"| {k} | " + " | ".join(f"{x:.3f}" for x in t) + " |")
+        print("\n(each: HQQ's over RTN's, averaged over the layers of that type)")
         return
     ev = windows(lm, ids, a.offset, a.windows)
 

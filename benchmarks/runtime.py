@@ -176,16 +176,20 @@ def text_prompt(lm, prompt_tokens: int) -> list[int]:
     return ([lm.bos_id] if lm.bos_id is not None else []) + ids[:prompt_tokens - (lm.bos_id is not None)]
 
 
-def speculative_row(base, draft_lm, pair: str, k: int, prompt_tokens: int, gen: int, threads: int,
+def speculative_row(base, draft_path: str, pair: str, k: int, prompt_tokens: int, gen: int, threads: int,
                     repeats: int) -> dict:
-    """Target alone vs target drafted by `draft_lm`, pair = "TARGET:DRAFT" recipes (fp32: none; one name: both),
-    alternating `repeats` rounds after a warm-up, medians; the outputs are checked identical."""
+    """Target alone vs target drafted by the model at `draft_path`, pair = "TARGET:DRAFT" recipes (fp32: none;
+    one name: both), alternating `repeats` rounds after a warm-up, medians; the outputs are checked identical.
+    The draft is loaded afresh and compressed in place (no second copy beside a large target)."""
     tv, _, dv = pair.partition(":")
     dv = dv or tv
     torch.set_num_threads(threads)
     max_len = prompt_tokens + gen + k + 2
     target = Engine(make_variant(base, tv), max_len=max_len)
-    draft = Engine(make_variant(draft_lm, dv), max_len=max_len)
+    draft_lm = lmpress.load(draft_path)
+    if RECIPES[dv]:
+        lmpress.compress(draft_lm, RECIPES[dv])
+    draft = Engine(draft_lm, max_len=max_len)
     ids = text_prompt(base, prompt_tokens)
     p = SamplingParams(max_tokens=gen, ignore_eos=True)
     alone_s, spec_s = [], []
@@ -257,8 +261,7 @@ def main() -> None:
             rows.append({**row, "copy_bw_gb_s": bw / 1e9, "roofline_fraction": row["decode_tok_s"] *
                          row["weight_bytes"] / bw})
     if a.draft:
-        draft_lm = lmpress.load(a.draft)
-        rows += [speculative_row(base, draft_lm, v, int(k), a.prompt_tokens, a.gen, t, a.repeats)
+        rows += [speculative_row(base, a.draft, v, int(k), a.prompt_tokens, a.gen, t, a.repeats)
                  for v in a.spec_variants.split(",") for k in a.draft_k.split(",") for t in threads]
 
     ref = {r["threads"]: r["decode_tok_s"] for r in rows if r["variant"] == "transformers"}

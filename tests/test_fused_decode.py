@@ -23,7 +23,9 @@ HEAD8 = RTN(8, None, symmetric=True, targets="lm_head", ignore=None)
 HEAD4 = RTN(4, 32, targets="lm_head", ignore=None)
 RECIPES = {"fp32": [], "w4g32": [RTN(4, 32)], "w4g128": [RTN(4, 128)], "w8": [RTN(8, None, symmetric=True)],
            "w4g32+h8": [RTN(4, 32), HEAD8], "w8+h4": [RTN(8, None, symmetric=True), HEAD4],
-           "w8a8": [W8A8Dynamic()], "attn8+mlp4": [RTN(8, None, targets=r"self_attn"), RTN(4, 32)]}
+           "w8a8": [W8A8Dynamic()], "attn8+mlp4": [RTN(8, None, targets=r"self_attn"), RTN(4, 32)],
+           "w3g64": [RTN(3, 64)], "w2g32+h8": [RTN(2, 32), HEAD8], "attn3+mlp4": [RTN(3, 32, targets=r"self_attn"),
+                                                                                RTN(4, 32)]}
 # Float arithmetic differs from the per-op path only in summation order (1e-7 of the logits here); int8-rounded
 # ("q8") activations can then land on the other side of a rounding tie, one code apart: measured at most 1.3e-3
 # of the largest logit on these models
@@ -63,7 +65,7 @@ def max_rel_diff(lm, positions=range(5, 48), pos_as_list=False, max_len=64):
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_fused_logits_match_the_per_op_path(family, recipe, tokenizer):
     lm = make(family, tokenizer, recipe)
-    tol = TOL["exact"] if recipe in ("fp32", "w8a8") else TOL["q8"]
+    tol = TOL["exact"] if recipe in ("fp32", "w8a8", "w3g64") else TOL["q8"]
     assert max_rel_diff(lm, pos_as_list=recipe == "w8") <= tol
 
 
@@ -117,13 +119,13 @@ def test_instruction_paths_and_threads(isa, tokenizer, monkeypatch):
 
 def test_unsupported_layers_and_switches_keep_the_per_op_path(tokenizer, monkeypatch):
     lm = make("llama", tokenizer, "fp32")
-    compress(lm, [RTN(3, 32, targets=r"mlp\.down_proj")])  # 3-bit: no GEMV kernel
+    compress(lm, [RTN(5, 32, targets=r"mlp\.down_proj")])  # 5-bit: no GEMV kernel
     fused, ref = runners(lm, 64)
     ids = torch.tensor([[1, 47, 300, 12, 99, 5]])
     fused.prefill(ids[:, :5])
     ref.prefill(ids[:, :5])
     assert torch.equal(fused.decode(ids[:, 5], 5), ref.decode(ids[:, 5], 5))
-    assert fused._plan is False and "PackedLinear" in fused.fused_reason and "bits=3" in fused.fused_reason
+    assert fused._plan is False and "PackedLinear" in fused.fused_reason and "bits=5" in fused.fused_reason
 
     lm = make("qwen2", tokenizer, "w4g32")
     r = NativeRunner(lm, max_len=16)

@@ -118,6 +118,27 @@ def test_runner_few_rows_float_path_equals_torch(tokenizer, monkeypatch):
     close(out[8], out[0])
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("shape", [(37, 576, 64), (5, 40, 8), (13, 100, None), (3, 31, None), (19, 200, 24),
+                                   (64, 576, 32), (8, 7, None)])
+def test_lowbit_matches_reference(shape, bits):
+    # int2/int3: partial last chunk (100, 31, 7 columns), a partial last group (200 = 8·24 + 8), odd row counts
+    out_f, in_f, group = shape
+    qw, scales, zeros = packed(out_f, in_f, bits, group, symmetric=False)
+    bias = torch.randn(out_f)
+    for m in (1, 2, 5, 16):
+        x = torch.randn(m, in_f)
+        r = ref.linear_packed(x, qw, scales, zeros, bits, group, bias, "f32")
+        for isa in ISAS:
+            for threads in (1, 2):
+                close(kernels.linear_lowbit(x, qw, scales, zeros, bits, group, bias, isa=isa, threads=threads), r)
+    x = torch.randn(2, 3, in_f)
+    close(kernels.linear_lowbit(x, qw, scales, None, bits, group),
+          ref.linear_packed(x, qw, scales, torch.zeros_like(zeros), bits, group))
+    with pytest.raises(ValueError):
+        kernels.linear_lowbit(x, qw, scales, zeros, 4, group)
+
+
 def test_degenerate_activations():
     # all-zero rows (q8 block scale 0, w8a8 range 0) and a huge outlier stay finite and match the twins
     qw, scales, zeros = packed(16, 96, 4, 32, False)
@@ -214,7 +235,7 @@ def layer(bits, group, symmetric=False, in_f=576, out_f=77):
     return compress(torch.nn.Sequential(lin), [RTN(bits, group, symmetric=symmetric)])[0]
 
 
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (4, None), (8, 64), (8, None)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (4, None), (8, 64), (8, None), (3, 64), (2, 32), (3, None)])
 def test_packed_linear_uses_the_kernel(bits, group, monkeypatch):
     m = layer(bits, group)
     assert isinstance(m, PackedLinear)
@@ -229,9 +250,11 @@ def test_packed_linear_uses_the_kernel(bits, group, monkeypatch):
 
 
 def test_packed_linear_reference_cases():
-    m3 = layer(3, 64)
+    m5 = layer(5, 64)
     x = torch.randn(2, 576)
-    assert torch.equal(m3(x), m3.forward_reference(x))      # no int3 kernel
+    assert torch.equal(m5(x), m5.forward_reference(x))      # no int5 kernel
+    m3 = layer(3, 36)
+    assert torch.equal(m3(x), m3.forward_reference(x))      # int3 in groups of 36: not whole chunks of 8
     m4 = layer(4, 128)
     big = torch.randn(kernels.MAX_ROWS + 1, 576)
     assert torch.equal(m4(big), m4.forward_reference(big))  # prefill-sized: the reference matmul
@@ -337,13 +360,14 @@ def test_scratch_is_reused_and_released():
 
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 128, False), (4, 128, True), (4, 32, False), (4, None, True),
                                                    (8, 64, False), (8, None, True), (3, 64, False), (2, 32, True),
-                                                   (4, 48, False)])
+                                                   (4, 48, False), (3, 36, False)])
 def test_packed_linear_many_rows_equals_the_reference(bits, group, symmetric, monkeypatch):
     # inputs of more than MAX_ROWS rows (and any rows for widths / groups without a GEMV kernel) take the native
     # dequantization then torch's matmul: the same numbers as forward_reference, bit for bit
     m = layer(bits, group, symmetric)
     assert isinstance(m, PackedLinear)
-    small = m.bits not in m.native_bits or not kernels.group_ok(group, m.in_features)
+    small = (m.bits not in m.native_bits or not kernels.group_ok(group, m.in_features)) \
+        and not kernels.lowbit_ok(bits, group, m.in_features)
     rows = [1, 5, 16, 17, 64, 600] if small else [17, 64, 600]
     for isa in ISAS:
         monkeypatch.setattr(kernels, "ISA_CAP", isa)

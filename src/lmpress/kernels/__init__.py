@@ -7,6 +7,8 @@ against libtorch), with the GIL released, on a small thread pool of its own:
   linear_packed  PackedLinear "packed-int4" / "packed-int8": codes packed as quant.primitives.pack, fp16 scales and
                  zeros [n_groups, O], symmetric or not. Groups must span whole blocks of 32 columns (group_size a
                  multiple of 32) or the whole row (per channel); only the row's last group/block may be partial.
+  linear_lowbit  PackedLinear "packed-int2" / "packed-int3" with float32 activations: 8 codes per `bits` bytes,
+                 groups of a multiple of 8 columns or the whole row (decode of 2- and 3-bit models)
   linear_int8    the int8 codes and fp32 per-channel scales of Int8WeightLinear, weight-only (fp32 activations)
   dequantize_packed  PackedLinear's float32 weight [O, I] of any width 2..8 and any group size, bit for bit
                  quant.primitives.dequantize ((code − zero) then · scale, two rounded float32 steps): the layers'
@@ -32,8 +34,8 @@ layers' own forward), the norms, RoPE tables and KV caches — and decode_step()
 caller keeps every tensor a plan points into alive, and unchanged in place, for as long as it uses the plan.
 
 Instruction paths, chosen at run time: "vnni" (AVX2 + AVX512-VNNI/VL on 256-bit registers), "avx2" (AVX2 + FMA +
-F16C) and "scalar" (portable C++, any CPU). Other widths (int2/3/5/6/7) have no native kernel: their layers keep
-the dequantize-then-matmul arithmetic, as do inputs with more than MAX_ROWS rows (prefill: a float matmul
+F16C) and "scalar" (portable C++, any CPU). Other widths (int5/6/7, and int2/3 in groups not a multiple of 8) have no native GEMV kernel: their layers
+keep the dequantize-then-matmul arithmetic, as do inputs with more than MAX_ROWS rows (prefill: a float matmul
 is compute-bound there and as fast); on CPU float32 inputs without gradients the dequantization itself is native
 (dequantize_packed). Inputs that need gradients and non-CPU or non-float32 inputs take the torch reference.
 
@@ -178,6 +180,32 @@ def linear_packed(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return _shaped(y, x)
 
 
+LOWBITS = (2, 3)  # widths of linear_lowbit
+
+
+def lowbit_ok(bits: int, group_size: int | None, in_features: int) -> bool:
+    """Whether linear_lowbit takes this layer: 2 or 3 bits, groups of a multiple of 8 columns or one per row."""
+    return bits in LOWBITS and (not group_size or group_size >= in_features or group_size % 8 == 0)
+
+
+def linear_lowbit(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  bits: int, group_size: int | None, bias: torch.Tensor | None = None, isa: str | None = None,
+                  threads: int | None = None) -> torch.Tensor:
+    """x [..., I] float32 · PackedLinear weight of 2 or 3 bits → [..., O] float32, activations in float32.
+
+    qweight uint8 [O, packed_row_bytes(I, bits)], scales and zeros fp16 [n_groups, O] (zeros None: 0)."""
+    O, I = qweight.shape[0], x.shape[-1]
+    if not lowbit_ok(bits, group_size, I) or scales.dtype != torch.float16 \
+            or (zeros is not None and zeros.dtype != torch.float16):
+        raise ValueError(f"no lowbit kernel for bits={bits}, group_size={group_size}, in_features={I}, "
+                         f"scales {scales.dtype}")
+    x2 = _rows(x, I)
+    y = torch.empty(x2.shape[0], O, dtype=torch.float32)
+    _native.lowbit(_ptr(x2), x2.shape[0], I, _ptr(qweight), qweight.shape[1], O, bits, _ptr(scales), _ptr(zeros),
+                   group_size or 0, _ptr(bias), _ptr(y), _isa(isa), threads or get_num_threads())
+    return _shaped(y, x)
+
+
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                 act: str = "f32", isa: str | None = None, threads: int | None = None) -> torch.Tensor:
     """x [..., I] float32 · (int8 codes [O, I] × float32 scales [O]) → [..., O] float32, weight-only."""
@@ -217,17 +245,19 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     return _shaped(y, x)
 
 
-FUSED_KINDS = {"packed": 0, "w8a8": 1, "float": 2}  # linear layer kinds of the fused decode step (decode.cpp)
+FUSED_KINDS = {"packed": 0, "w8a8": 1, "float": 2, "lowbit": 3}  # linear layer kinds of the fused decode step (decode.cpp)
 
 
 def fused_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int | None,
                  in_features: int, bias: torch.Tensor | None, act: str = "q8") -> tuple:
-    """A fused-decode descriptor of a PackedLinear weight (the storage of linear_packed; bits 4 or 8)."""
+    """A fused-decode descriptor of a PackedLinear weight: bits 4 or 8 (linear_packed, activations `act`) or
+    2 or 3 (linear_lowbit, float32 activations)."""
     O = qweight.shape[0]
-    if bits not in (4, 8) or not group_ok(group_size, in_features) or scales.dtype != torch.float16 \
+    low = lowbit_ok(bits, group_size, in_features)
+    if (not low and (bits not in (4, 8) or not group_ok(group_size, in_features))) or scales.dtype != torch.float16 \
             or zeros.dtype != torch.float16:
         raise ValueError(f"no native kernel for bits={bits}, group_size={group_size}, in_features={in_features}")
-    return (FUSED_KINDS["packed"], in_features, O, _ptr(qweight), qweight.shape[1], bits, 1, _ptr(scales),
+    return (FUSED_KINDS["lowbit" if low else "packed"], in_features, O, _ptr(qweight), qweight.shape[1], bits, 1, _ptr(scales),
             _ptr(zeros), 1, group_size or 0, _ptr(bias), ACTS[act], 0, 0.0, 0)
 
 

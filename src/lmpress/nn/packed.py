@@ -13,13 +13,13 @@ name says the width ("packed-int4"), the manifest entry carries bits and group s
 
 forward() runs the native kernels (lmpress.kernels) for bits 4 and 8 on CPU float32 inputs of up to
 kernels.MAX_ROWS rows (decode, small batches) when the group size spans whole blocks of 32 columns (or the whole
-row). Activations of such inputs are rounded to int8 per block of 32 columns (`native_act = "q8"`, the default:
+row), and for bits 2 and 3 (kernels.linear_lowbit, float32 activations) when it spans whole chunks of 8. Activations of such inputs are rounded to int8 per block of 32 columns (`native_act = "q8"`, the default:
 llama.cpp's Q8_0 arithmetic, integer dot products, about 3× faster than float ones), a rounding that
 forward_reference() applies to the same inputs too, so both paths compute the same numbers up to float summation
 order on every device and with the kernels on or off. The int8 rounding moves outputs by about 1% of their
 scale (relative RMS and max, measured on random layers with outlier channels), as llama.cpp's Q8_0 activations
 do; `native_act = "f32"` (on the class or a layer) keeps the activations float32.
-Everything else — other widths, prefill-sized inputs, grouping the kernels do not take — dequantizes the whole
+Everything else — widths 5 to 7, prefill-sized inputs, grouping the kernels do not take — dequantizes the whole
 weight, then runs a float matmul: on CPU float32 inputs that need no gradient, the native kernels write the
 weight (bit for bit the reference's, any width 2..8) into a scratch buffer reused across layers
 (kernels.dequantize_packed, kernels.scratch), otherwise (inputs that need gradients, other devices or dtypes,
@@ -46,7 +46,7 @@ def pad_to_groups(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 class PackedLinear(torch.nn.Module):
     formats = tuple(f"packed-int{b}" for b in range(2, 9))
-    native_bits = (4, 8)  # widths with a native kernel
+    native_bits = (4, 8)  # widths with a native "q8"/"f32" kernel (2 and 3: kernels.linear_lowbit, float32 only)
     native_act = "q8"     # activations of inputs of ≤ kernels.MAX_ROWS rows: "q8" or "f32" (see lmpress.kernels)
     _kargs = None         # derived kernel arguments and the buffers (and versions) they were taken from
 
@@ -111,8 +111,9 @@ class PackedLinear(torch.nn.Module):
         plain = (qw.device.type == "cpu" and qw.dtype == torch.uint8 and qw.is_contiguous() and sc.is_contiguous()
                  and ze.is_contiguous() and sc.dtype == ze.dtype and sc.device.type == ze.device.type == "cpu"
                  and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.is_cpu)))
-        if (plain and self.bits in self.native_bits and kernels.group_ok(self.group_size, self.in_features)
-                and sc.dtype == torch.float16):
+        if plain and sc.dtype == torch.float16 and (
+                (self.bits in self.native_bits and kernels.group_ok(self.group_size, self.in_features))
+                or kernels.lowbit_ok(self.bits, self.group_size, self.in_features)):
             gemv = (self.in_features, qw.data_ptr(), qw.shape[1], self.out_features, self.bits, sc.data_ptr(),
                     ze.data_ptr(), self.group_size or 0, 0 if bias is None else bias.data_ptr())
         if plain and sc.dtype in (torch.float16, torch.float32):
@@ -144,9 +145,13 @@ class PackedLinear(torch.nn.Module):
                 I, w, rb, O, bits, sc, ze, g, bias = gemv
                 x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(rows, n).contiguous()
                 y = torch.empty(rows, O)
-                kernels._native.linear(x2.data_ptr(), rows, I, w, rb, O, bits, 1, sc, ze, 1, g, bias, y.data_ptr(),
-                                       1 if self.native_act == "q8" else 0, kernels._isa(cap) if cap else -1,
-                                       kernels._threads or torch.get_num_threads())
+                isa, threads = kernels._isa(cap) if cap else -1, kernels._threads or torch.get_num_threads()
+                if bits in kernels.LOWBITS:  # float32 activations (no "q8" kernel at these widths)
+                    kernels._native.lowbit(x2.data_ptr(), rows, I, w, rb, O, bits, sc, ze, g, bias, y.data_ptr(),
+                                           isa, threads)
+                else:
+                    kernels._native.linear(x2.data_ptr(), rows, I, w, rb, O, bits, 1, sc, ze, 1, g, bias,
+                                           y.data_ptr(), 1 if self.native_act == "q8" else 0, isa, threads)
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], O)
             if dq is not None and n == dq[0] and (rows > kernels.MAX_ROWS or self._act(x) == "f32"):
                 # prefill, evaluation batches, widths without a GEMV kernel: the reference's float weight, bit for

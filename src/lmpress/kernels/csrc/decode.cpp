@@ -14,7 +14,7 @@
 // takes them): LIN_Q the weight-only int4/int8 kernels of module.cpp (a Problem, activations "f32" or "q8"
 // exactly as the layer's own forward prepares them), LIN_W8A8 the fbgemm-compatible int8 kernel (one dynamic
 // uint8 grid for the row, or the layer's static one), LIN_F32 a float32 weight [O, I] (nn.Linear; the GEMV
-// below). The layers sharing an input (q/k/v, gate/up) run as one parallel_for over their rows together, and
+// below), LIN_LOW PackedLinear's int2/int3 codes (lowbit.cpp, float32 activations). The layers sharing an input (q/k/v, gate/up) run as one parallel_for over their rows together, and
 // share prepared activations when their layouts agree. The numbers equal the per-op path's up to float summation
 // order (norms, attention, float GEMVs); the quantized GEMVs see the same activations and run the same kernels.
 //
@@ -30,6 +30,7 @@
 #include <mutex>
 #include <vector>
 
+#include "avx2_util.h"
 #include "kernels.h"
 #ifdef LMP_X86
 #include <immintrin.h>
@@ -39,7 +40,7 @@
 namespace lmp {
 namespace {
 
-enum LinKind { LIN_Q = 0, LIN_W8A8 = 1, LIN_F32 = 2 };
+enum LinKind { LIN_Q = 0, LIN_W8A8 = 1, LIN_F32 = 2, LIN_LOW = 3 };
 
 struct Lin {
     int kind = LIN_F32;
@@ -51,6 +52,7 @@ struct Lin {
     const float* bias = nullptr;  // LIN_F32: [O] or null
     int64_t I = 0, O = 0;
     std::vector<uint16_t> tiles;  // LIN_Q: p.tiles, derived once here (the plan's tensors stay unchanged)
+    LowBit lb{};                  // LIN_LOW: int2/int3 codes (lowbit.cpp); x and y set per call
 };
 
 struct Layer {
@@ -89,13 +91,6 @@ void f32_rows_scalar(const Lin& L, const float* x, float* y, int64_t o0, int64_t
 }
 
 #ifdef LMP_X86
-LMP_AVX2_FN inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 LMP_AVX2_FN float dot_avx2(const float* a, const float* b, int64_t n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
@@ -331,7 +326,7 @@ struct Batch {
     struct Job {
         const Lin* lin;
         Problem p;        // LIN_Q / LIN_W8A8: with its prepared activations and output
-        const float* x;   // LIN_F32
+        const float* x;   // LIN_F32, LIN_LOW
         float* y;
         int64_t start;    // first row in the batch's range
     } jobs[3];
@@ -345,7 +340,11 @@ void batch_rows(void* ctx, int64_t b, int64_t e) {
         const Batch::Job& j = B.jobs[i];
         const int64_t lo = std::max(b, j.start) - j.start, hi = std::min(e, j.start + j.lin->O) - j.start;
         if (lo >= hi) continue;
-        if (j.lin->kind != LIN_F32) rows(j.p, B.isa, lo, hi);
+        if (j.lin->kind == LIN_LOW) {
+            LowBit q = j.lin->lb;
+            q.x = j.x, q.y = j.y, q.M = 1;
+            lowbit_rows(q, B.isa, lo, hi);
+        } else if (j.lin->kind != LIN_F32) rows(j.p, B.isa, lo, hi);
 #ifdef LMP_X86
         else if (B.isa >= ISA_AVX2) f32_rows_avx2(*j.lin, j.x, j.y, lo, hi);
 #endif
@@ -355,7 +354,7 @@ void batch_rows(void* ctx, int64_t b, int64_t e) {
 
 // Whether two quantized layers read the same prepared activations of one input.
 bool same_acts(const Lin& a, const Lin& b) {
-    if (a.kind != b.kind || a.kind == LIN_F32 || a.p.I != b.p.I) return false;
+    if (a.kind != b.kind || a.kind == LIN_F32 || a.kind == LIN_LOW || a.p.I != b.p.I) return false;
     if (a.kind == LIN_W8A8) return a.mode == b.mode && a.in_scale == b.in_scale && a.in_zero == b.in_zero;
     return a.p.bits == b.p.bits && a.p.act == b.p.act && a.p.ng == b.p.ng && a.p.group == b.p.group;
 }
@@ -367,7 +366,7 @@ void linears(Plan& P, const float* x, std::initializer_list<std::pair<const Lin*
     for (const auto& [lin, y] : ls) {
         Batch::Job& j = B.jobs[B.n];
         j.lin = lin, j.x = x, j.y = y, j.start = B.total;
-        if (lin->kind != LIN_F32) {
+        if (lin->kind != LIN_F32 && lin->kind != LIN_LOW) {
             j.p = lin->p;
             j.p.y = y;
             const Batch::Job* prev = nullptr;
@@ -494,12 +493,24 @@ bool parse_lin(PyObject* t, Lin& L) {
                           &sf16, &group, &bias, &act, &mode, &in_scale, &in_zero))
         return false;
     L.kind = kind, L.I = I, L.O = O, L.bias = bias ? addr<const float>(bias) : nullptr;
-    if (I <= 0 || O <= 0 || !w || kind < LIN_Q || kind > LIN_F32) {
+    if (I <= 0 || O <= 0 || !w || kind < LIN_Q || kind > LIN_LOW) {
         PyErr_SetString(PyExc_ValueError, "lmpress decode plan: bad linear layer descriptor");
         return false;
     }
     if (kind == LIN_F32) {
         L.w = addr<const float>(w);
+        return true;
+    }
+    if (kind == LIN_LOW) {
+        LowBit& q = L.lb;
+        q.I = I, q.O = O, q.w = addr<const uint8_t>(w), q.row_bytes = row_bytes, q.bits = bits;
+        q.scales = addr<const void>(scales), q.zeros = zeros ? addr<const void>(zeros) : nullptr, q.bias = L.bias;
+        q.ng = group > 0 && group < I ? (I + group - 1) / group : 1;
+        q.group = q.ng == 1 ? I : group;
+        if ((bits != 2 && bits != 3) || (q.ng > 1 && q.group % 8) || !sf16) {
+            PyErr_SetString(PyExc_ValueError, "lmpress decode plan: lowbit layers take bits 2 or 3, fp16 scales");
+            return false;
+        }
         return true;
     }
     Problem& p = L.p;

@@ -136,6 +136,22 @@ void prepare_w8a8(Problem& p, const float* x, int mode, double in_scale, int in_
 void tile_params(const Problem& p, uint16_t* out);
 inline bool wants_tiles(const Problem& p) { return p.act == ACT_Q8 && p.sf16 && p.ng > 1 && p.O >= 8; }
 
+// PackedLinear's 2- and 3-bit codes (lowbit.cpp): y [M, O] = x [M, I] · Wᵀ + bias, activations float32, codes as
+// quant.primitives.pack lays them out (8 codes per `bits` bytes), fp16 scales and zeros (zeros may be null: 0)
+// [ng, O]; group % 8 == 0 or one group (group == I).
+struct LowBit {
+    const float* x;
+    int64_t M, I, O;
+    const uint8_t* w;
+    int64_t row_bytes;
+    int bits;
+    const void *scales, *zeros;
+    int64_t group, ng;
+    const float* bias;
+    float* y;
+};
+void lowbit_rows(const LowBit& p, int isa, int64_t o0, int64_t o1);
+
 // Threads: run fn(ctx, begin, end) over [0, n) split in chunks, on up to `threads` threads (caller included).
 void parallel_for(int64_t n, int64_t chunk, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx);
 

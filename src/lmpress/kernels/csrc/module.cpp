@@ -5,6 +5,7 @@
 //   tile_params(...)                  scales and zeros regrouped per tile of 8 rows for linear (Problem::tiles)
 //   w8a8(...)                         int8 weights × uint8 activations on one per-tensor grid, the arithmetic of
 //                                     PyTorch's fbgemm dynamic/static quantized linear (nn/int8_dynamic.py)
+//   lowbit(...)                       weight-only int2/int3 (PackedLinear codes), activations fp32 (lowbit.cpp)
 //   dequant(...)                      packed codes of any width 2..8 → float32 [O, I], bit for bit
 //                                     quant.primitives.dequantize (dequant.cpp)
 //   decode_plan(...), decode_step(...) one whole decode step of a Llama-family model in one call (decode.cpp)
@@ -226,6 +227,37 @@ PyObject* py_linear(PyObject*, PyObject* args) {
     Py_RETURN_NONE;
 }
 
+void lowbit_run(void* ctx, int64_t o0, int64_t o1) {
+    const auto& w = *static_cast<const std::pair<const LowBit*, int>*>(ctx);
+    lowbit_rows(*w.first, w.second, o0, o1);
+}
+
+PyObject* py_lowbit(PyObject*, PyObject* args) {
+    unsigned long long x, w, scales, zeros, bias, y;
+    long long M, I, O, row_bytes, group;
+    int bits, isa, threads;
+    if (!PyArg_ParseTuple(args, "KLLKLLiKKLKKii", &x, &M, &I, &w, &row_bytes, &O, &bits, &scales, &zeros, &group,
+                          &bias, &y, &isa, &threads))
+        return nullptr;
+    LowBit p{};
+    p.x = ptr<const float>(x), p.M = M, p.I = I, p.O = O, p.w = ptr<const uint8_t>(w), p.row_bytes = row_bytes;
+    p.bits = bits, p.scales = ptr<const void>(scales), p.zeros = zeros ? ptr<const void>(zeros) : nullptr;
+    p.ng = group > 0 && group < I ? (I + group - 1) / group : 1;
+    p.group = p.ng == 1 ? I : group;
+    p.bias = bias ? ptr<const float>(bias) : nullptr, p.y = ptr<float>(y);
+    if ((bits != 2 && bits != 3) || (p.ng > 1 && p.group % 8) || I <= 0 || M < 0 || O < 0) {
+        PyErr_SetString(PyExc_ValueError, "lmpress kernels: lowbit takes bits 2 or 3 and groups of a multiple of 8");
+        return nullptr;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    std::pair<const LowBit*, int> ctx{&p, clamp_isa(isa)};
+    const int t = std::max(threads, 1);
+    const int64_t chunk = (std::max<int64_t>(4, (O + 4 * t - 1) / (4 * t)) + 3) & ~int64_t(3);
+    parallel_for(O, chunk, t, lowbit_run, &ctx);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 PyObject* py_tile_params(PyObject*, PyObject* args) {
     unsigned long long scales, zeros, out;
     long long ng, O;
@@ -290,6 +322,7 @@ PyObject* py_dequant(PyObject*, PyObject* args) {
 PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "best instruction path: 0 scalar, 1 AVX2, 2 AVX2 + AVX512-VNNI"},
     {"linear", py_linear, METH_VARARGS, "weight-only int4/int8 linear on raw buffers (see lmpress.kernels)"},
+    {"lowbit", py_lowbit, METH_VARARGS, "weight-only int2/int3 linear on raw buffers (see lmpress.kernels)"},
     {"tile_params", py_tile_params, METH_VARARGS, "fp16 scales and zeros [ng, O] regrouped per tile of 8 rows"},
     {"dequant", py_dequant, METH_VARARGS, "packed codes (bits 2..8) to a float32 weight on raw buffers"},
     {"w8a8", py_w8a8, METH_VARARGS, "fbgemm-compatible int8 linear on raw buffers (see lmpress.kernels)"},
