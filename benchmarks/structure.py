@@ -11,6 +11,11 @@ forward uses the dense path; this row is why).
 
 usage: python benchmarks/structure.py MODEL [--out FILE.jsonl] [--windows 40] [--ctx 512] [--recover 200]
            [--tasks arc_easy,piqa,hellaswag] [--limit 100] [--threads 2] [--rows mlp25,mlp50,...] [--smoke]
+       python benchmarks/structure.py MODEL --speed [--rows base,mlp25,...] [--threads 1,2] [--repeats 5]
+           [--speed-recipes fp32,w4g128+h8] [--speed-out FILE.jsonl]
+--speed: decode speed only, side by side — the pruned models (no recovery: it changes no shape) and the base,
+each also compressed with --speed-recipes (benchmarks/runtime.py's names), benched round-robin (lmpress.bench,
+one round of each after the other, a warm-up round first), medians; speed-ups against the base of the same recipe.
 Each row is appended as soon as it is measured; a rerun skips rows already in the file. Training text: the
 built-in corpus (never the WikiText-2 test text). LMPRESS_DATA (or --data-dir) must hold WikiText-2 and the
 zero-shot sets.
@@ -78,6 +83,55 @@ def sparse_vs_dense(threads: int) -> dict:
     return {"dense_us": dense_us, "csr_us": sparse_us, "csr_over_dense": sparse_us / dense_us}
 
 
+def speed(base, args) -> None:
+    """Side-by-side decode speed of the base and the pruned rows (see the docstring)."""
+    import statistics
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from runtime import RECIPES
+
+    calib = training_batches(base.tokenizer, Distill(steps=1, batch_size=4, seq_len=args.seq_len,
+                                                     n_samples=16, device="cpu"), base.bos_id)[0][:4]
+    shapes = {}
+    for name in args.rows.split(","):
+        if name == "base":
+            shapes[name] = base.model
+        elif name in PRUNE:
+            unit, ratio, imp, hu = PRUNE[name]
+            shapes[name] = copy.deepcopy(base.model)
+            prune_structured(shapes[name], unit, ratio, imp, data=calib, head_unit=hu)
+    models = {}
+    for rec in args.speed_recipes.split(","):
+        for name, m in shapes.items():
+            lm = lmpress.LoadedModel(model=copy.deepcopy(m).eval(), tokenizer=base.tokenizer, source=args.model,
+                                     kind="memory", disk_bytes=0, disk_params=stored_weights(m))
+            if RECIPES[rec]:
+                lmpress.compress(lm, RECIPES[rec])
+            models[(rec, name)] = lm
+    rows = []
+    for t in [int(x) for x in str(args.threads).split(",")]:
+        runs = {k: [] for k in models}
+        for r in range(args.repeats + 1):
+            for k, lm in models.items():
+                b = lmpress.bench(lm, threads=t, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                                  repeats=1)
+                if r:
+                    runs[k].append(b["decode_tokens_per_s"])
+        for (rec, name), v in runs.items():
+            rows.append({"row": name, "recipe": rec, "threads": t, "decode_tokens_per_s": statistics.median(v),
+                         "params": sum(p.numel() for p in models[(rec, name)].model.parameters())})
+    print("| row | recipe | threads | decode tok/s | × base (same recipe, threads) |\n|---|---|---|---|---|")
+    for r in rows:
+        ref = next(x for x in rows if x["row"] == "base" and x["recipe"] == r["recipe"] and x["threads"] == r["threads"])
+        r["speedup"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+        print(f"| {r['row']} | {r['recipe']} | {r['threads']} | {r['decode_tokens_per_s']:.1f} | {r['speedup']:.2f}× |")
+    print(f"\ncommand: python {' '.join(sys.argv)}")
+    if args.speed_out:
+        with open(args.speed_out, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps({"model": args.model, "repeats": args.repeats, **r}) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -93,14 +147,23 @@ def main():
     ap.add_argument("--student-blocks", type=int, default=15)
     ap.add_argument("--tasks", default="arc_easy,piqa,hellaswag,winogrande")
     ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="an integer (--speed: comma-separated counts)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--rows", default="base,mlp25,mlp50,heads33,depth20,student-kd,student-ce,sparse-matmul")
     ap.add_argument("--smoke", action="store_true", help="tiny settings to check the script runs (not a result)")
+    ap.add_argument("--speed", action="store_true", help="decode speed only, side by side (see the docstring)")
+    ap.add_argument("--speed-recipes", default="fp32,w4g128+h8")
+    ap.add_argument("--speed-out")
     args = ap.parse_args()
+    if args.speed:
+        base = lmpress.load(args.model)
+        if args.rows == ap.get_default("rows"):
+            args.rows = "base,mlp25,mlp50,heads33,depth20"
+        return speed(base, args)
+    args.threads = int(args.threads)
     if args.smoke:
         args.windows, args.recover, args.samples, args.seq_len, args.limit = 2, 2, 8, 64, 4
         args.tasks, args.repeats, args.gen_tokens = "arc_easy", 1, 8
