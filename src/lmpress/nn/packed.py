@@ -13,8 +13,9 @@ name says the width ("packed-int4"), the manifest entry carries bits and group s
 
 forward() runs the native kernels (lmpress.kernels) for bits 4 and 8 on CPU float32 inputs of up to
 kernels.MAX_ROWS rows (decode, small batches) when the group size spans whole blocks of 32 columns (or the whole
-row), and for bits 2 and 3 (kernels.linear_lowbit, float32 activations) when it spans whole chunks of 8. Activations of such inputs are rounded to int8 per block of 32 columns (`native_act = "q8"`, the default:
-llama.cpp's Q8_0 arithmetic, integer dot products, about 3× faster than float ones), a rounding that
+row), and for bits 2 and 3 (kernels.linear_lowbit, float32 activations) when it spans whole chunks of 8. At bits
+4 and 8 the activations of such inputs are rounded to int8 per block of 32 columns (`native_act = "q8"`, the
+default: llama.cpp's Q8_0 arithmetic, integer dot products, about 3× faster than float ones), a rounding that
 forward_reference() applies to the same inputs too, so both paths compute the same numbers up to float summation
 order on every device and with the kernels on or off. The int8 rounding moves outputs by about 1% of their
 scale (relative RMS and max, measured on random layers with outlier channels), as llama.cpp's Q8_0 activations
