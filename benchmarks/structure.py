@@ -152,6 +152,8 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--save-dir", help="also save the recovered models and the students here (one folder per row; "
+                    "the distilled student is the draft of issue 6 (c))")
     ap.add_argument("--rows", default="base,mlp25,mlp50,heads33,depth20,student-kd,student-ce,sparse-matmul")
     ap.add_argument("--smoke", action="store_true", help="tiny settings to check the script runs (not a result)")
     ap.add_argument("--speed", action="store_true", help="decode speed only, side by side (see the docstring)")
@@ -191,6 +193,10 @@ def main():
                                    disk_bytes=0, disk_params=stored_weights(model))
 
     calib = train[:4]
+
+    def keep(name, model):
+        if args.save_dir:
+            lmpress.save(wrap(model), Path(args.save_dir) / name, overwrite=True)
     for name in args.rows.split(","):
         if name in done:
             print(f"skip {name} (in {out})", file=sys.stderr)
@@ -210,6 +216,7 @@ def main():
             emit(f"{name}+kd{cfg.steps}", {**info, "recovered": cfg.steps, "train_s": time.perf_counter() - t1,
                                           "loss_first": res["first"], "loss_last": res["last"],
                                           **measure(wrap(model), base, args, text)})
+            keep(f"{name}+kd{cfg.steps}", model)
         elif name in ("student-kd", "student-ce"):
             k = base.config.num_hidden_layers - args.student_blocks
             student, kept = drop_layers(base.model, k, data=calib)
@@ -217,6 +224,7 @@ def main():
             res = distill(student, base.model if name == "student-kd" else None, train, c, eval_batches=held, kept=kept)
             emit(name, {"blocks": args.student_blocks, "kept": kept, "loss": "kl" if name == "student-kd" else "ce",
                         "train_s": res["seconds"], **measure(wrap(student), base, args, text)})
+            keep(name, student)
         elif name == "sparse-matmul":
             emit(name, sparse_vs_dense(args.threads))
         else:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import lmpress
 from lmpress import calibrate
@@ -83,7 +84,8 @@ def test_damaged_checkpoint_says_how_to_start_over(stories_dir, tmp_path):
                  checkpoint=tmp_path / "ck")
 
 
-def test_calibration_specs(stories_dir, tmp_path):
+def test_calibration_specs(stories_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path / "cache"))
     assert parse_calib("builtin") == ("builtin", 128, 512)
     assert parse_calib("notes.jsonl:body:16x64") == ("notes.jsonl:body", 16, 64)
     for bad, msg in [("wikitext2:8x64", "evaluates on"), ("builtin:0x64", "at least 1 sample")]:
@@ -103,6 +105,29 @@ def test_calibration_specs(stories_dir, tmp_path):
     assert calibration(lm, f"{tmp_path}/c.jsonl:body:4x16")[0].shape == (4, 16)
     with pytest.raises(BadInput, match="room for"):
         calibration(lm, f"{tmp_path}/c.jsonl:body:400x64")
+
+
+def test_self_calibration_cache(stories_dir, tmp_path, monkeypatch):
+    """--calib self is sampled once per (weights, N, L, seed): the cached draw is the fresh draw, a damaged
+    entry is sampled again, and other weights or another seed get their own draw."""
+    from lmpress.quant.qat import sample_batches
+
+    monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path / "cache"))
+    lm = lmpress.load(stories_dir / "hf")
+    fresh = torch.cat(sample_batches(lm.model, 6, 24, 32, lm.bos_id, seed=0))
+    first = torch.cat(calibration(lm, "self:6x24"))
+    assert torch.equal(first, fresh)
+    (entry,) = (tmp_path / "cache" / "calib").glob("self-*.safetensors")
+    entry.write_bytes(b"not a safetensors file")
+    assert torch.equal(torch.cat(calibration(lm, "self:6x24")), fresh)  # resampled
+    with safe_open(entry, "pt") as f:
+        assert torch.equal(f.get_tensor("ids"), fresh)  # and the entry replaced
+    assert not torch.equal(torch.cat(calibration(lm, "self:6x24", seed=1)), fresh)
+    with torch.no_grad():
+        lm.model.lm_head.weight.mul_(3.0)  # sharper distribution, other samples
+    assert len(list((tmp_path / "cache" / "calib").glob("self-*.safetensors"))) == 2
+    assert not torch.equal(torch.cat(calibration(lm, "self:6x24")), fresh)
+    assert len(list((tmp_path / "cache" / "calib").glob("self-*.safetensors"))) == 3
 
 
 def test_cli_compress_calib_and_checkpoint_cleanup(stories_dir, tmp_path, capsys):
