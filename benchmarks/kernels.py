@@ -26,6 +26,11 @@ with this one, call for call, printing both and the ratio.
     python benchmarks/kernels.py --decode MODEL [--variants w8,w4g128,w4g32+h8] [--gen 64] [--rounds 5]
                                  [--baseline OLD/_native...so]
 
+    python benchmarks/kernels.py --decode MODEL --profile [--threads 1 2] [--variants w4g128+h8]
+
+--profile: µs per token in each phase of the fused step (norms, activation preparation, each group of linears,
+RoPE, attention, SiLU, head, and the Python around it) at each thread count, and each phase's speed-up.
+
 --decode: whole fused decode steps (NativeRunner, one row, the first --threads value; 1 unless given) of lmpress variants of MODEL (the recipes of
 benchmarks/runtime.py), each build in turn per round (a plan per build: a plan belongs to the library that made
 it), greedy from the same prompt; tokens/s from the median step time, and whether the builds chose the same
@@ -274,6 +279,54 @@ def main_decode(a) -> None:
         kernels._native = mine
 
 
+def main_profile(a) -> None:
+    """--decode --profile: where the fused step's time goes, per phase (kernels.decode_profile), at each --threads
+    count, rounds alternating between the counts; µs per token (medians over rounds) and the speed-up of each
+    phase from the first count to the others. "python" is the time outside the native step (argmax, the runner)."""
+    import lmpress
+    from lmpress.runtime import NativeRunner
+    from runtime import RECIPES  # benchmarks/runtime.py, beside this file
+
+    torch.set_num_threads(1)
+    base_lm = lmpress.load(a.decode)
+    ids = torch.randint(3, min(1000, base_lm.config.vocab_size), (1, 32), generator=torch.Generator().manual_seed(0))
+    names = (*kernels.DECODE_PHASES, "python", "total")
+    for name in a.variants:
+        lm = copy.deepcopy(base_lm)
+        if RECIPES[name]:
+            lmpress.compress(lm, RECIPES[name])
+        run = NativeRunner(lm, max_len=ids.shape[1] + a.gen + 1)
+        if not run._build_plan():
+            raise SystemExit(f"{name}: the fused decode step does not take this model ({run.fused_reason})")
+        per = {t: {k: [] for k in names} for t in a.threads}
+        with torch.inference_mode():
+            for r in range(a.rounds + 1):  # round 0 warms up
+                for t in a.threads:
+                    kernels.set_num_threads(t)
+                    tok = int(run.prefill(ids).argmax(-1))
+                    kernels.decode_profile(run._plan[0], True)
+                    t0 = time.perf_counter()
+                    for i in range(a.gen):
+                        tok = int(run.decode(torch.tensor([tok]), ids.shape[1] + i).argmax(-1))
+                    wall = time.perf_counter() - t0
+                    prof = kernels.decode_profile(run._plan[0], False)
+                    if r:
+                        prof["python"] = wall - sum(prof.values())
+                        prof["total"] = wall
+                        for k, v in prof.items():
+                            per[t][k].append(v / a.gen * 1e6)
+        med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in per.items()}
+        t0 = a.threads[0]
+        print(f"\n{name}: µs per token by phase ({a.gen} tokens after a 32-token prompt, medians of {a.rounds} "
+              f"rounds); tok/s " + ", ".join(f"{1e6 / med[t]['total']:.1f} at {t} thread(s)" for t in a.threads))
+        print("| phase | " + " | ".join(f"{t} thr µs" for t in a.threads) + " | "
+              + " | ".join(f"×{t}" for t in a.threads[1:]) + " |")
+        print("|---|" + "---|" * (2 * len(a.threads) - 1))
+        for k in names:
+            sp = " | ".join(f"{med[t0][k] / med[t][k]:.2f}" if med[t][k] > 0 else "-" for t in a.threads[1:])
+            print(f"| {k} | " + " | ".join(f"{med[t][k]:.0f}" for t in a.threads) + f" | {sp} |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -288,7 +341,10 @@ def main(argv=None):
     p.add_argument("--decode", metavar="MODEL", help="fused decode tok/s of MODEL's variants (see above)")
     p.add_argument("--variants", type=lambda v: v.split(","), default=["w8", "w4g128", "w4g32+h8"])
     p.add_argument("--gen", type=int, default=64)
+    p.add_argument("--profile", action="store_true", help="--decode: µs per token by phase of the fused step")
     a = p.parse_args(argv)
+    if a.decode and a.profile:
+        return main_profile(a)
     if a.decode:
         return main_decode(a)
     if a.gemv:

@@ -4,6 +4,8 @@ per-op path to every model it does not take."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -142,3 +144,29 @@ def test_unsupported_layers_and_switches_keep_the_per_op_path(tokenizer, monkeyp
     assert r._plan
     with pytest.raises(BadInput, match="context limit"):
         r.decode(torch.tensor([5]), 16)
+
+
+def test_profile_times_every_phase_and_changes_no_logits(tokenizer):
+    """kernels.decode_profile: off, the steps are timed nowhere; on, every phase of a step gets time, the total
+    stays within the wall clock, each call resets, and the logits are the unprofiled step's to the bit."""
+    lm = make("llama", tokenizer, "w4g32+h8")
+    ids = torch.randint(3, lm.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for on in (False, True):
+        run = NativeRunner(lm, max_len=32)
+        assert run._build_plan()
+        plan = run._plan[0]
+        assert set(kernels.decode_profile(plan, on).values()) == {0.0}
+        run.prefill(ids[:, :8])
+        t0 = time.perf_counter()
+        outs.append(torch.cat([run.decode(ids[:, t], t) for t in range(8, 20)]))
+        wall = time.perf_counter() - t0
+        prof = kernels.decode_profile(plan, False)
+        assert tuple(prof) == kernels.DECODE_PHASES
+        if on:
+            assert all(v > 0 for v in prof.values()), prof
+            assert sum(prof.values()) <= wall
+        else:
+            assert set(prof.values()) == {0.0}
+        assert set(kernels.decode_profile(plan, False).values()) == {0.0}  # reset by the call before
+    assert torch.equal(outs[0], outs[1])

@@ -314,6 +314,16 @@ def decode_step(plan, token: int, pos: int, logits: torch.Tensor, isa: str | Non
     return logits
 
 
+DECODE_PHASES = ("norm", "prepare", "qkv", "rope", "attn", "o", "gateup", "silu", "down", "head")
+
+
+def decode_profile(plan, on: bool = True) -> dict[str, float]:
+    """Seconds each phase of decode_step took (DECODE_PHASES: the serial norms/residuals, the serial preparation
+    of quantized activations, each group of linears, RoPE + cache writes, attention, SiLU) since the last call,
+    which resets them; `on` switches timing on or off for the steps that follow (one clock read per phase)."""
+    return dict(zip(DECODE_PHASES, _native.decode_profile(plan, bool(on))))
+
+
 def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                       group_size: int | None, in_features: int, out: torch.Tensor | None = None,
                       isa: str | None = None, threads: int | None = None) -> torch.Tensor:

@@ -24,6 +24,8 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <chrono>
+#include <optional>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -60,6 +62,9 @@ struct Layer {
     Lin q, k, v, o, gate, up, down;
 };
 
+// Phases of step() that decode_profile times: where a multi-threaded step spends its time.
+enum Phase { PH_NORM, PH_PREP, PH_QKV, PH_ROPE, PH_ATTN, PH_O, PH_GATEUP, PH_SILU, PH_DOWN, PH_HEAD, PH_N };
+
 struct Plan {
     int64_t D, H, KV, Dh, F, V, vocab_rows, max_len;
     float eps, scale;
@@ -72,6 +77,8 @@ struct Plan {
     Acts acts[3];
     std::vector<float> r;  // prepare_w8a8's per-token divisors (mode 1 only: never filled here)
     std::mutex mu;         // one step at a time per plan (the scratch above is the plan's)
+    bool profile = false;  // decode_profile: time each phase of step() (a clock read per phase when on)
+    double prof[PH_N] = {};
 };
 
 // ---- float helpers (AVX2 + FMA where the instruction path allows it, plain loops otherwise) -------------------
@@ -359,8 +366,20 @@ bool same_acts(const Lin& a, const Lin& b) {
     return a.p.bits == b.p.bits && a.p.act == b.p.act && a.p.ng == b.p.ng && a.p.group == b.p.group;
 }
 
+// Adds the time since the last lap to a phase of the plan's profile (decode_profile); absent when not profiling.
+struct Clock {
+    Plan& P;
+    std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+    void lap(int phase) {
+        const auto now = std::chrono::steady_clock::now();
+        P.prof[phase] += std::chrono::duration<double>(now - last).count();
+        last = now;
+    }
+};
+
 // y_i = L_i x for up to three layers (x [I], y_i [O_i]).
-void linears(Plan& P, const float* x, std::initializer_list<std::pair<const Lin*, float*>> ls, int isa, int threads) {
+void linears(Plan& P, const float* x, std::initializer_list<std::pair<const Lin*, float*>> ls, int isa, int threads,
+             Clock* clock = nullptr) {
     Batch B;
     B.isa = isa;
     for (const auto& [lin, y] : ls) {
@@ -384,6 +403,7 @@ void linears(Plan& P, const float* x, std::initializer_list<std::pair<const Lin*
         B.total += lin->O;
         ++B.n;
     }
+    if (clock) clock->lap(PH_PREP);
     // a few chunks per thread, whole tiles of 8 rows
     const int64_t chunk = (std::max<int64_t>(8, (B.total + 4 * threads - 1) / (4 * threads)) + 7) & ~int64_t(7);
     parallel_for(B.total, chunk, threads, batch_rows, &B);
@@ -448,12 +468,20 @@ void step(Plan& P, int64_t token, int64_t pos, float* logits, int isa, int threa
     const int64_t D = P.D, Dh = P.Dh, H = P.H, KV = P.KV;
     float *x = P.x.data(), *h = P.h.data(), *q = P.q.data(), *k = P.k.data(), *v = P.v.data();
     float *att = P.att.data(), *g = P.gate.data(), *u = P.up.data(), *t = P.tmp.data();
+    std::optional<Clock> clk;
+    if (P.profile) clk.emplace(Clock{P});
+    Clock* c = clk ? &*clk : nullptr;
+    auto lap = [c](int phase) {
+        if (c) c->lap(phase);
+    };
     std::memcpy(x, P.embed + token * D, D * sizeof(float));
     const float *cos = P.cos + pos * Dh, *sin = P.sin + pos * Dh;
     for (size_t i = 0; i < P.layers.size(); ++i) {
         const Layer& L = P.layers[i];
         rmsnorm(x, L.attn_norm, h, D, P.eps);
-        linears(P, h, {{&L.q, q}, {&L.k, k}, {&L.v, v}}, isa, threads);
+        lap(PH_NORM);
+        linears(P, h, {{&L.q, q}, {&L.k, k}, {&L.v, v}}, isa, threads, c);
+        lap(PH_QKV);
         rope(q, H, Dh, cos, sin, P.rot.data());
         rope(k, KV, Dh, cos, sin, P.rot.data());
         float *K = P.kc + i * P.layer_stride, *V = P.vc + i * P.layer_stride;
@@ -461,20 +489,29 @@ void step(Plan& P, int64_t token, int64_t pos, float* logits, int isa, int threa
             std::memcpy(K + j * P.head_stride + pos * Dh, k + j * Dh, Dh * sizeof(float));
             std::memcpy(V + j * P.head_stride + pos * Dh, v + j * Dh, Dh * sizeof(float));
         }
+        lap(PH_ROPE);
         AttnCtx ac{&P, q, K, V, att, P.scores.data(), pos + 1, isa};
         // one head's work is (pos + 1)·Dh·4 flops: split across threads only when that pays for the hand-off
         parallel_for(H, 1, (pos + 1) * Dh * H >= (1 << 14) ? threads : 1, attn_heads, &ac);
-        linears(P, att, {{&L.o, t}}, isa, threads);
+        lap(PH_ATTN);
+        linears(P, att, {{&L.o, t}}, isa, threads, c);
+        lap(PH_O);
         for (int64_t j = 0; j < D; ++j) x[j] += t[j];
         rmsnorm(x, L.mlp_norm, h, D, P.eps);
-        linears(P, h, {{&L.gate, g}, {&L.up, u}}, isa, threads);
+        lap(PH_NORM);
+        linears(P, h, {{&L.gate, g}, {&L.up, u}}, isa, threads, c);
+        lap(PH_GATEUP);
         const int64_t F = L.gate.O;
         silu_mul(g, u, F, isa);  // silu(gate)·up
-        linears(P, g, {{&L.down, t}}, isa, threads);
+        lap(PH_SILU);
+        linears(P, g, {{&L.down, t}}, isa, threads, c);
+        lap(PH_DOWN);
         for (int64_t j = 0; j < D; ++j) x[j] += t[j];
     }
     rmsnorm(x, P.final_norm, h, D, P.eps);
-    linears(P, h, {{&P.head, logits}}, isa, threads);
+    lap(PH_NORM);
+    linears(P, h, {{&P.head, logits}}, isa, threads, c);
+    lap(PH_HEAD);
 }
 
 // ---- Python glue ----------------------------------------------------------------------------------------------
@@ -638,6 +675,25 @@ PyObject* py_decode_step(PyObject*, PyObject* args) {
     step(*P, token, pos, addr<float>(logits), clamp_isa(isa), std::max(threads, 1));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
+}
+
+// decode_profile(plan, on) -> tuple of seconds per phase (norm, prepare, qkv, rope, attn, o, gateup, silu, down,
+// head) accumulated since the last call; `on` switches the timing for the steps that follow.
+PyObject* py_decode_profile(PyObject*, PyObject* args) {
+    PyObject* cap;
+    int on;
+    if (!PyArg_ParseTuple(args, "Op", &cap, &on)) return nullptr;
+    Plan* P = static_cast<Plan*>(PyCapsule_GetPointer(cap, "lmpress.decode_plan"));
+    if (!P) return nullptr;
+    std::lock_guard<std::mutex> lk(P->mu);
+    PyObject* out = PyTuple_New(PH_N);
+    if (!out) return nullptr;
+    for (int i = 0; i < PH_N; ++i) {
+        PyTuple_SET_ITEM(out, i, PyFloat_FromDouble(P->prof[i]));
+        P->prof[i] = 0.0;
+    }
+    P->profile = on != 0;
+    return out;
 }
 
 }  // namespace lmp

@@ -182,6 +182,7 @@ void prepare_w8a8(Problem& p, const float* xin, int mode, double in_scale, int i
 // decode.cpp
 PyObject* py_decode_plan(PyObject*, PyObject* args);
 PyObject* py_decode_step(PyObject*, PyObject* args);
+PyObject* py_decode_profile(PyObject*, PyObject* args);
 PyObject* py_linear_f32(PyObject*, PyObject* args);
 
 namespace {
@@ -329,6 +330,7 @@ PyMethodDef methods[] = {
     {"linear_f32", py_linear_f32, METH_VARARGS, "float32 linear of a few rows on raw buffers (see lmpress.kernels)"},
     {"decode_plan", py_decode_plan, METH_VARARGS, "a Llama-family model's fused decode plan (see lmpress.kernels)"},
     {"decode_step", py_decode_step, METH_VARARGS, "one fused decode step of one token (see lmpress.kernels)"},
+    {"decode_profile", py_decode_profile, METH_VARARGS, "seconds per phase of the fused steps since the last call"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "lmpress native kernels", -1, methods};
