@@ -170,3 +170,52 @@ def test_profile_times_every_phase_and_changes_no_logits(tokenizer):
             assert set(prof.values()) == {0.0}
         assert set(kernels.decode_profile(plan, False).values()) == {0.0}  # reset by the call before
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("head_dim", [8, 40, 64])
+def test_attention_head_widths(isa, head_dim, tokenizer, monkeypatch):
+    """The fused attention's vector paths (32 columns per pass, then 8; scores 4 positions at a time with a
+    remainder) and the scalar one equal the per-op path at head widths 8, 40 (32 + 8) and 64, GQA 2:1, for
+    lengths that are and are not multiples of 4."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if isa == "avx2" and kernels.isa() == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setattr(kernels, "ISA_CAP", isa)
+    cfg = LlamaConfig(hidden_size=4 * head_dim, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, vocab_size=512, bos_token_id=1,
+                      eos_token_id=2)
+    torch.manual_seed(0)
+    lm = lmpress.wrap(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), tokenizer, name="attn")
+    assert max_rel_diff(lm, positions=range(3, 40)) <= TOL["exact"]
+
+
+def test_decode_writes_into_the_logits_it_is_given(tokenizer):
+    """runner.decode(out=the last logits): the fused step writes there (no fresh 4·V bytes per token) and the
+    logits are those of a fresh tensor; an unusable `out` (other shape or dtype) is left alone."""
+    lm = make("llama", tokenizer, "w4g32+h8")
+    a, b = NativeRunner(lm, max_len=32), NativeRunner(lm, max_len=32)
+    ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(2))
+    a.prefill(ids[:, :4])
+    b.prefill(ids[:, :4])
+    buf = None
+    for t in range(4, 16):
+        ref = a.decode(ids[:, t], t)
+        got = b.decode(ids[:, t], t, out=buf)
+        if buf is not None:
+            assert got is buf
+        assert torch.equal(got, ref)
+        buf = got
+    wrong = torch.zeros(1, 7)
+    assert b.decode(ids[:, 3], 3, out=wrong) is not wrong and torch.equal(wrong, torch.zeros(1, 7))
+
+
+def test_greedy_token_is_torch_argmax():
+    from lmpress.runtime.sampling import greedy_token
+
+    g = torch.Generator().manual_seed(0)
+    for x in [torch.randn(49152, generator=g), torch.tensor([1.0, 3.0, 3.0, 2.0]), torch.tensor([[0.0, 5.0, 5.0]]),
+              torch.tensor([1.0, float("nan"), 9.0, float("nan")]), torch.full((10,), float("-inf")),
+              torch.randn(6, generator=g, dtype=torch.float64), torch.randn(5, generator=g)[::2]]:
+        assert greedy_token(x) == int(x.reshape(-1).argmax()), x

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
+from ..runtime.sampling import greedy_token
 from . import progress_bar
 
 # A server core under full load draws roughly its share of the package's TDP: an AMD EPYC 7B13 (the cloud
@@ -175,8 +176,20 @@ def generate_greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int,
 def generate_greedy_runtime(runner, ids: torch.Tensor, steps: int, rapl: list[Path] | None = None) -> Generation:
     """The same through lmpress's runtime (a runner from lmpress.runtime.make_runner, max_batch >= B)."""
     P = ids.shape[1]
-    return _timed_greedy(lambda x: runner.prefill(x), lambda tok, i: runner.decode(tok[:, 0], P + i), ids, steps,
-                         rapl)
+    buf = [None]  # the last logits, written again by the next decode step (NativeRunner.decode's out)
+
+    def step(tok, i):
+        buf[0] = runner.decode(tok[:, 0], P + i, out=buf[0] if tok.shape[0] == 1 else None)
+        return buf[0]
+
+    return _timed_greedy(lambda x: runner.prefill(x), step, ids, steps, rapl)
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] → the greedy tokens [B, 1] (one row on the CPU through sampling.greedy_token: fast)."""
+    if logits.shape[0] == 1 and logits.device.type == "cpu":
+        return torch.tensor([[greedy_token(logits[0])]])
+    return logits.argmax(-1, keepdim=True)
 
 
 def _timed_greedy(prefill, step, ids: torch.Tensor, steps: int, rapl: list[Path] | None) -> Generation:
@@ -188,13 +201,13 @@ def _timed_greedy(prefill, step, ids: torch.Tensor, steps: int, rapl: list[Path]
         logits = prefill(ids)
         _sync(dev)
         t1 = time.perf_counter()
-        tok = logits.argmax(-1, keepdim=True)  # [B, 1]
+        tok = greedy_ids(logits)  # [B, 1]
         out = [tok]
         _sync(dev)
         t2 = time.perf_counter()
         cpu0, e0 = cpu_seconds(), read_rapl(rapl) if rapl else None
         for i in range(steps):
-            tok = step(tok, i).argmax(-1, keepdim=True)
+            tok = greedy_ids(step(tok, i))
             out.append(tok)
         _sync(dev)
         t3 = time.perf_counter()

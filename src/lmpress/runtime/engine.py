@@ -136,6 +136,7 @@ class Scheduler:
         self._cancel: set[int] = set()
         self._next_id = 0
         self.active: list[Sequence] = []  # active[i] owns KV row i
+        self._logits: torch.Tensor | None = None  # one row's logits, reused by the next decode (runner.decode out)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
         ids = self.engine.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -174,7 +175,9 @@ class Scheduler:
         if self.active:
             pos = [s.length for s in self.active]
             ids = torch.tensor([s.next_token for s in self.active], dtype=torch.long)
-            logits = self.runner.decode(ids, pos[0] if len(set(pos)) == 1 else pos)  # [B, V]
+            logits = self.runner.decode(ids, pos[0] if len(set(pos)) == 1 else pos,
+                                        out=self._logits if len(ids) == 1 else None)  # [B, V]
+            self._logits = logits if len(ids) == 1 else None  # sampled below, then written again next step
             for i, s in enumerate(self.active):
                 s.length += 1
                 ev = s.accept(s.sample(logits[i]))

@@ -239,12 +239,14 @@ class NativeRunner:
         return self.lm_head(self._norm(x, self.final_norm)).float()
 
     @torch.inference_mode()
-    def decode(self, ids: torch.Tensor, pos) -> torch.Tensor:
-        """ids [B] (rows 0..B-1), pos an int (all rows) or a sequence/tensor of B positions."""
+    def decode(self, ids: torch.Tensor, pos, out: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B] (rows 0..B-1), pos an int (all rows) or a sequence/tensor of B positions → logits [B, V].
+        out: the logits an earlier decode returned, to be written again (the fused step does, and returns it;
+        its contents are lost): a fresh 200 KB tensor per token costs ~50 µs of page faults."""
         B = ids.shape[0]
         if B == 1 and self.fused and kernels.ENABLED and (self._plan or self._plan is None and self._build_plan()):
             p = pos if isinstance(pos, int) else int(torch.as_tensor(pos).reshape(-1)[0])
-            return self._decode_fused(int(ids[0]), p)
+            return self._decode_fused(int(ids[0]), p, out)
         H, KV, G, Dh = self.n_heads, self.n_kv, self.group, self.head_dim
         if isinstance(pos, int):
             p = torch.tensor([pos], device=self.device)
@@ -281,10 +283,13 @@ class NativeRunner:
             x = x + L.down(F.silu(L.gate(h)) * L.up(h))
         return self.lm_head(self._norm(x, self.final_norm)).float()
 
-    def _decode_fused(self, token: int, pos: int) -> torch.Tensor:
+    def _decode_fused(self, token: int, pos: int, out: torch.Tensor | None = None) -> torch.Tensor:
         check_fits(self, 1, pos + 1)
         plan, _, V = self._plan
-        return kernels.decode_step(plan, token, pos, torch.empty(1, V))
+        if out is None or out.shape != (1, V) or out.dtype != torch.float32 or not out.is_contiguous() \
+                or out.device.type != "cpu":
+            out = torch.empty(1, V)
+        return kernels.decode_step(plan, token, pos, out)
 
     def _build_plan(self) -> bool:
         """Register the model with the fused decode step (self._plan), or say why it cannot (fused_reason)."""
@@ -393,7 +398,8 @@ class HFRunner:
         out = torch.stack([self._step(row + b, ids[b], start) for b in range(B)])  # [B, T, V]
         return out if all_logits else out[:, -1]
 
-    def decode(self, ids: torch.Tensor, pos) -> torch.Tensor:
+    def decode(self, ids: torch.Tensor, pos, out: torch.Tensor | None = None) -> torch.Tensor:
+        """As NativeRunner.decode; `out` is not used (the logits are always a new tensor)."""
         B = ids.shape[0]
         pos = [pos] * B if isinstance(pos, int) else [int(p) for p in pos]
         self._check(B, max(pos) + 1)

@@ -66,11 +66,20 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
     return logits
 
 
+def greedy_token(logits: torch.Tensor) -> int:
+    """The index of the largest of logits [V] (or [1, V]); ties and NaN as torch.argmax (the first). A float32 row
+    on the CPU goes through numpy: torch's argmax over a 49k vocabulary costs ~200 µs there, numpy's ~12 µs, as
+    much as a decode step's whole Python overhead."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return int(logits.detach().reshape(-1).numpy().argmax())
+    return int(logits.reshape(-1).argmax())
+
+
 def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
                seen: torch.Tensor | None = None) -> int:
     """logits [V] (float32) → a token id."""
     if params.greedy:
-        return int(_penalized(logits, params, seen).argmax())
+        return greedy_token(_penalized(logits, params, seen))
     return int(torch.multinomial(distribution(logits, params, seen), 1, generator=generator))
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import BadInput, LmpressError
 from .engine import Completion, Engine, Event, Sequence, Stream
-from .sampling import SamplingParams, distribution, make_generator
+from .sampling import SamplingParams, distribution, greedy_token, make_generator
 
 
 def check_pair(target: Engine, draft: Engine) -> None:
@@ -58,7 +58,7 @@ def speculative_events(target: Engine, draft: Engine, prompt, params: SamplingPa
     def propose(logits: torch.Tensor):
         """The draft's token and the distribution it was drawn from (None when greedy)."""
         if greedy:
-            return int(logits.argmax()), None
+            return greedy_token(logits), None
         q = distribution(logits, params)
         return int(torch.multinomial(q, 1, generator=draft_gen)), q
 
@@ -90,6 +90,7 @@ def speculative_events(target: Engine, draft: Engine, prompt, params: SamplingPa
         return
     history = ids + [seq.next_token]  # every token so far; the last one is in neither cache
     draft_len = 0  # tokens of `history` the draft's cache holds
+    draft_logits = None  # the draft's logits tensor, written again by each of its decode steps
     while True:
         n = seq.length
         kk = max(0, min(k, max_len - 1 - n, params.max_tokens - len(seq.tokens) - 1))
@@ -102,7 +103,8 @@ def speculative_events(target: Engine, draft: Engine, prompt, params: SamplingPa
             proposals.append(d)
             qs.append(q)
             for _ in range(kk - 1):
-                d, q = propose(D.decode(torch.tensor([d]), draft_len)[0].cpu())
+                draft_logits = D.decode(torch.tensor([d]), draft_len, out=draft_logits)
+                d, q = propose(draft_logits[0].cpu())
                 draft_len += 1
                 proposals.append(d)
                 qs.append(q)

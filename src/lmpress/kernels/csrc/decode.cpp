@@ -73,7 +73,7 @@ struct Plan {
     int64_t layer_stride, head_stride;
     std::vector<Layer> layers;
     Lin head;
-    std::vector<float> x, h, q, k, v, att, gate, up, tmp, scores, rot;
+    std::vector<float> x, h, q, k, v, att, gate, up, tmp, scores;
     Acts acts[3];
     std::vector<float> r;  // prepare_w8a8's per-token divisors (mode 1 only: never filled here)
     std::mutex mu;         // one step at a time per plan (the scratch above is the plan's)
@@ -109,14 +109,6 @@ LMP_AVX2_FN float dot_avx2(const float* a, const float* b, int64_t n) {
     float s = hsum8(_mm256_add_ps(s0, s1));
     for (; i < n; ++i) s += a[i] * b[i];
     return s;
-}
-
-LMP_AVX2_FN void axpy_avx2(float a, const float* x, float* y, int64_t n) {
-    const __m256 av = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; ++i) y[i] += a * x[i];
 }
 
 // Rows [o0, o1) of y = W x + b, 4 rows per pass over x with two accumulators each (the loads, not the FMA
@@ -294,36 +286,12 @@ LMP_AVX2_FN void silu_mul_avx2(float* g, const float* u, int64_t n) {
 }
 #endif
 
-void exp_inplace(float* v, int64_t n, int isa) {
-#ifdef LMP_X86
-    if (isa >= ISA_AVX2) return exp_avx2(v, n);
-#endif
-    (void)isa;
-    exp_scalar(v, n);
-}
-
 void silu_mul(float* g, const float* u, int64_t n, int isa) {
 #ifdef LMP_X86
     if (isa >= ISA_AVX2) return silu_mul_avx2(g, u, n);
 #endif
     (void)isa;
     for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-}
-
-float dot(const float* a, const float* b, int64_t n, int isa) {
-#ifdef LMP_X86
-    if (isa >= ISA_AVX2) return dot_avx2(a, b, n);
-#endif
-    (void)isa;
-    return dot_scalar(a, b, n);
-}
-
-void axpy(float a, const float* x, float* y, int64_t n, int isa) {
-#ifdef LMP_X86
-    if (isa >= ISA_AVX2) return axpy_avx2(a, x, y, n);
-#endif
-    (void)isa;
-    axpy_scalar(a, x, y, n);
 }
 
 // ---- linear layers ------------------------------------------------------------------------------------------
@@ -412,22 +380,129 @@ void linears(Plan& P, const float* x, std::initializer_list<std::pair<const Lin*
 // ---- the other pieces ---------------------------------------------------------------------------------------
 
 // out = w · x / sqrt(mean(x²) + eps), as NativeRunner._norm (float32; the sum of squares in double)
-void rmsnorm(const float* x, const float* w, float* out, int64_t n, float eps) {
+void rmsnorm_scalar(const float* x, const float* w, float* out, int64_t n, float eps) {
     double ss = 0.0;
     for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
     const float r = 1.f / std::sqrt(eps + static_cast<float>(ss / static_cast<double>(n)));
     for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
 }
 
-// RoPE in place on nh heads of Dh values at one position (cos, sin: that position's rows of the tables).
-void rope(float* v, int64_t nh, int64_t Dh, const float* cos, const float* sin, float* tmp) {
+#ifdef LMP_X86
+LMP_AVX2_FN void rmsnorm_avx2(const float* x, const float* w, float* out, int64_t n, float eps) {
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        s0 = _mm256_fmadd_pd(lo, lo, s0);
+        s1 = _mm256_fmadd_pd(hi, hi, s1);
+    }
+    alignas(32) double t[4];
+    _mm256_store_pd(t, _mm256_add_pd(s0, s1));
+    double ss = (t[0] + t[1]) + (t[2] + t[3]);
+    for (; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+    const float r = 1.f / std::sqrt(eps + static_cast<float>(ss / static_cast<double>(n)));
+    const __m256 rv = _mm256_set1_ps(r);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(x + i), rv)));
+    for (; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+#endif
+
+void rmsnorm(const float* x, const float* w, float* out, int64_t n, float eps, int isa) {
+#ifdef LMP_X86
+    if (isa >= ISA_AVX2) return rmsnorm_avx2(x, w, out, n, eps);
+#endif
+    (void)isa;
+    rmsnorm_scalar(x, w, out, n, eps);
+}
+
+// RoPE in place on nh heads of Dh values at one position (cos, sin: that position's rows of the tables, sin
+// signed for the rotate-half layout): out[j] = v[j]·cos[j] + v[(j + Dh/2) mod Dh]·sin[j], both halves at once
+// (plain loops the compiler vectorizes).
+void rope(float* v, int64_t nh, int64_t Dh, const float* cos, const float* sin) {
     const int64_t half = Dh / 2;
     for (int64_t h = 0; h < nh; ++h) {
-        float* a = v + h * Dh;
-        std::memcpy(tmp, a, Dh * sizeof(float));
-        for (int64_t j = 0; j < Dh; ++j) a[j] = tmp[j] * cos[j] + tmp[(j + half) % Dh] * sin[j];
+        float* __restrict a = v + h * Dh;
+        float* __restrict b = a + half;
+        for (int64_t j = 0; j < half; ++j) {
+            const float x0 = a[j], x1 = b[j];
+            a[j] = x0 * cos[j] + x1 * sin[j];
+            b[j] = x1 * cos[j + half] + x0 * sin[j + half];
+        }
     }
 }
+
+// One query head's attention over positions 0..len−1: s = softmax(q·Kᵀ·scale) (scratch [len]), o = s·V.
+void attn_head_scalar(const float* q, const float* K, const float* V, int64_t len, int64_t Dh, float scale,
+                      float* s, float* o) {
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < len; ++t) {
+        s[t] = dot_scalar(q, K + t * Dh, Dh) * scale;
+        mx = std::max(mx, s[t]);
+    }
+    for (int64_t t = 0; t < len; ++t) s[t] -= mx;
+    exp_scalar(s, len);
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) sum += s[t];
+    std::fill(o, o + Dh, 0.f);
+    for (int64_t t = 0; t < len; ++t) axpy_scalar(s[t], V + t * Dh, o, Dh);
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < Dh; ++j) o[j] *= inv;
+}
+
+#ifdef LMP_X86
+// The same for Dh a multiple of 8: scores 4 positions per pass over q (one horizontal reduction for the 4),
+// then the weighted sum of V rows kept in registers, 32 (or 8) columns per pass over the positions.
+LMP_AVX2_FN void attn_head_avx2(const float* q, const float* K, const float* V, int64_t len, int64_t Dh,
+                                float scale, float* s, float* o) {
+    const __m128 sc = _mm_set1_ps(scale);
+    int64_t t = 0;
+    for (; t + 4 <= len; t += 4) {
+        const float *k0 = K + t * Dh, *k1 = k0 + Dh, *k2 = k1 + Dh, *k3 = k2 + Dh;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < Dh; j += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + j);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k0 + j), qv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k1 + j), qv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(k2 + j), qv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(k3 + j), qv, a3);
+        }
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        _mm_storeu_ps(s + t, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), sc));
+    }
+    for (; t < len; ++t) s[t] = dot_avx2(q, K + t * Dh, Dh) * scale;
+    float mx = -INFINITY;
+    for (t = 0; t < len; ++t) mx = std::max(mx, s[t]);
+    for (t = 0; t < len; ++t) s[t] -= mx;
+    exp_avx2(s, len);
+    float sum = 0.f;
+    for (t = 0; t < len; ++t) sum += s[t];
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    int64_t j = 0;
+    for (; j + 32 <= Dh; j += 32) {
+        __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+        const float* v = V + j;
+        for (t = 0; t < len; ++t, v += Dh) {
+            const __m256 w = _mm256_set1_ps(s[t]);
+            o0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), o0);
+            o1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), o1);
+            o2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), o2);
+            o3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), o3);
+        }
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(o0, inv));
+        _mm256_storeu_ps(o + j + 8, _mm256_mul_ps(o1, inv));
+        _mm256_storeu_ps(o + j + 16, _mm256_mul_ps(o2, inv));
+        _mm256_storeu_ps(o + j + 24, _mm256_mul_ps(o3, inv));
+    }
+    for (; j < Dh; j += 8) {
+        __m256 o0 = _mm256_setzero_ps();
+        const float* v = V + j;
+        for (t = 0; t < len; ++t, v += Dh) o0 = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(v), o0);
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(o0, inv));
+    }
+}
+#endif
 
 struct AttnCtx {
     const Plan* P;
@@ -444,23 +519,15 @@ void attn_heads(void* ctx, int64_t h0, int64_t h1) {
     const Plan& P = *c.P;
     const int64_t Dh = P.Dh, G = P.H / P.KV;
     for (int64_t h = h0; h < h1; ++h) {
-        const float* qh = c.q + h * Dh;
-        const float *K = c.K + (h / G) * P.head_stride, *V = c.Vc + (h / G) * P.head_stride;
-        float* s = c.scores + h * P.max_len;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < c.len; ++t) {
-            s[t] = dot(qh, K + t * Dh, Dh, c.isa) * P.scale;
-            mx = std::max(mx, s[t]);
+        const float *qh = c.q + h * Dh, *K = c.K + (h / G) * P.head_stride, *V = c.Vc + (h / G) * P.head_stride;
+        float *s = c.scores + h * P.max_len, *o = c.out + h * Dh;
+#ifdef LMP_X86
+        if (c.isa >= ISA_AVX2 && Dh % 8 == 0) {
+            attn_head_avx2(qh, K, V, c.len, Dh, P.scale, s, o);
+            continue;
         }
-        for (int64_t t = 0; t < c.len; ++t) s[t] -= mx;
-        exp_inplace(s, c.len, c.isa);
-        float sum = 0.f;
-        for (int64_t t = 0; t < c.len; ++t) sum += s[t];
-        float* o = c.out + h * Dh;
-        std::fill(o, o + Dh, 0.f);
-        for (int64_t t = 0; t < c.len; ++t) axpy(s[t], V + t * Dh, o, Dh, c.isa);
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < Dh; ++j) o[j] *= inv;
+#endif
+        attn_head_scalar(qh, K, V, c.len, Dh, P.scale, s, o);
     }
 }
 
@@ -478,12 +545,12 @@ void step(Plan& P, int64_t token, int64_t pos, float* logits, int isa, int threa
     const float *cos = P.cos + pos * Dh, *sin = P.sin + pos * Dh;
     for (size_t i = 0; i < P.layers.size(); ++i) {
         const Layer& L = P.layers[i];
-        rmsnorm(x, L.attn_norm, h, D, P.eps);
+        rmsnorm(x, L.attn_norm, h, D, P.eps, isa);
         lap(PH_NORM);
         linears(P, h, {{&L.q, q}, {&L.k, k}, {&L.v, v}}, isa, threads, c);
         lap(PH_QKV);
-        rope(q, H, Dh, cos, sin, P.rot.data());
-        rope(k, KV, Dh, cos, sin, P.rot.data());
+        rope(q, H, Dh, cos, sin);
+        rope(k, KV, Dh, cos, sin);
         float *K = P.kc + i * P.layer_stride, *V = P.vc + i * P.layer_stride;
         for (int64_t j = 0; j < KV; ++j) {
             std::memcpy(K + j * P.head_stride + pos * Dh, k + j * Dh, Dh * sizeof(float));
@@ -497,7 +564,7 @@ void step(Plan& P, int64_t token, int64_t pos, float* logits, int isa, int threa
         linears(P, att, {{&L.o, t}}, isa, threads, c);
         lap(PH_O);
         for (int64_t j = 0; j < D; ++j) x[j] += t[j];
-        rmsnorm(x, L.mlp_norm, h, D, P.eps);
+        rmsnorm(x, L.mlp_norm, h, D, P.eps, isa);
         lap(PH_NORM);
         linears(P, h, {{&L.gate, g}, {&L.up, u}}, isa, threads, c);
         lap(PH_GATEUP);
@@ -508,7 +575,7 @@ void step(Plan& P, int64_t token, int64_t pos, float* logits, int isa, int threa
         lap(PH_DOWN);
         for (int64_t j = 0; j < D; ++j) x[j] += t[j];
     }
-    rmsnorm(x, P.final_norm, h, D, P.eps);
+    rmsnorm(x, P.final_norm, h, D, P.eps, isa);
     lap(PH_NORM);
     linears(P, h, {{&P.head, logits}}, isa, threads, c);
     lap(PH_HEAD);
@@ -635,7 +702,7 @@ PyObject* py_decode_plan(PyObject*, PyObject* args) {
     }
     P->F = F;
     P->x.resize(D), P->h.resize(D), P->tmp.resize(D), P->q.resize(H * Dh), P->att.resize(H * Dh);
-    P->k.resize(KV * Dh), P->v.resize(KV * Dh), P->gate.resize(F), P->up.resize(F), P->rot.resize(Dh);
+    P->k.resize(KV * Dh), P->v.resize(KV * Dh), P->gate.resize(F), P->up.resize(F);
     P->scores.resize(H * max_len);
     PyObject* cap = PyCapsule_New(P.get(), "lmpress.decode_plan", free_plan);
     if (cap) P.release();
