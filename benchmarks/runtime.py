@@ -15,7 +15,8 @@ Q4_0/Q8_0 files store theirs quantized — without it the fp32 head of a tied-em
 model's bytes per token).
 
 Method. Variants are measured round-robin (variant A, B, C, then A, B, C again, `--repeats` rounds after one
-warm-up round) and the medians reported, so background load hits every column alike. One round of one variant
+warm-up round) and the medians reported, so background load hits every column alike; llama.cpp's GGUFs take
+their turn in the same rounds (each stays loaded in its child process, which runs a round when told). One round of one variant
 = a prefill of `--prompt-tokens` seeded random ids (eval.bench.bench_prompt) then `--gen` greedy decode
 steps. Roofline: weight bytes read per decoded token (every linear layer's stored weights — codes, scales,
 zeros — and the output head; an embedding lookup reads one row and is left out) ÷ copy bandwidth, where copy
@@ -96,41 +97,49 @@ def one_run(kind: str, lm, runner, ids, gen: int) -> tuple[float, float]:
     return ids.shape[1] / g.prefill_s, gen / g.decode_s
 
 
-def llamacpp_rows(python: str, ggufs: list[str], threads: list[int], prompt_tokens: int, gen: int,
-                  repeats: int) -> list[dict]:
-    """Decode/prefill tok/s of GGUFs in llama.cpp, in a child process (llama-cpp-python lives in its own venv)."""
-    code = r"""
-import json, statistics, sys, time
+LLAMACPP_CHILD = r"""
+import json, sys, time
 import numpy as np
 from llama_cpp import Llama
-path, threads, P, gen, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, threads, P, gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 llm = Llama(model_path=path, n_ctx=P + gen + 8, n_batch=P, n_threads=threads, n_threads_batch=threads, verbose=False)
 rng = np.random.default_rng(1234)
 prompt = [llm.token_bos()] + [int(t) for t in rng.integers(0, llm.n_vocab(), P - 1)]
 # llama-cpp-python 0.3.x keeps no logits in llm.scores unless logits_all=True (which would compute the head on
 # every prompt token): read the context's output row of the last evaluated token directly
 last = lambda: np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
-pre, dec = [], []
-for r in range(repeats + 1):
+print("ready", flush=True)
+for line in sys.stdin:  # one round per line, when the parent says
     llm.reset(); t0 = time.perf_counter(); llm.eval(prompt); t1 = time.perf_counter()
     tok = int(np.argmax(last())); t2 = time.perf_counter()
     for _ in range(gen):
         llm.eval([tok]); tok = int(np.argmax(last()))
     t3 = time.perf_counter()
-    if r:
-        pre.append(P / (t1 - t0)); dec.append(gen / (t3 - t2))
-print(json.dumps({"prefill": statistics.median(pre), "decode": statistics.median(dec)}))
+    print(json.dumps({"prefill": P / (t1 - t0), "decode": gen / (t3 - t2)}), flush=True)
 """
-    rows = []
-    for path in ggufs:
-        for t in threads:
-            out = subprocess.run([python, "-c", code, path, str(t), str(prompt_tokens), str(gen), str(repeats)],
-                                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            r = json.loads(out)
-            rows.append({"variant": f"llama.cpp {Path(path).stem.split('-')[-1]}", "threads": t,
-                         "prefill_tok_s": r["prefill"], "decode_tok_s": r["decode"],
-                         "weight_bytes": os.path.getsize(path)})
-    return rows
+
+
+class LlamaCpp:
+    """One GGUF in llama.cpp at one thread count, in a child process (llama-cpp-python lives in its own venv)
+    that stays loaded and runs one prefill + greedy decode round each time `round()` is called, so its rounds
+    take their turn in the round-robin with lmpress's variants."""
+
+    def __init__(self, python: str, path: str, threads: int, prompt_tokens: int, gen: int):
+        self.name, self.path, self.threads = f"llama.cpp {Path(path).stem.split('-')[-1]}", path, threads
+        self.proc = subprocess.Popen([python, "-c", LLAMACPP_CHILD, path, str(threads), str(prompt_tokens), str(gen)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"llama.cpp child for {path} did not start")
+
+    def round(self) -> tuple[float, float]:
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        r = json.loads(self.proc.stdout.readline())
+        return r["prefill"], r["decode"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def make_ggufs(model: str, out: Path, python: str) -> list[str]:
@@ -236,30 +245,35 @@ def main() -> None:
     runners = {n: NativeRunner(lm, max_len=a.prompt_tokens + a.gen + 1) for n, lm in variants.items()
                if n != "transformers"}
     ids = bench_prompt(base, 1, a.prompt_tokens)
+    ggufs = [g for g in a.llamacpp.split(",") if g]
+    if a.make_gguf:
+        ggufs += make_ggufs(a.model, Path(a.make_gguf), a.llamacpp_python)
     rows = []
     for t in threads:
         torch.set_num_threads(t)
         bw = copy_bandwidth(t)
-        runs: dict[str, list] = {n: [] for n in names}
-        for r in range(a.repeats + 1):  # round 0 warms up
-            for n in names:
-                res = one_run(n, variants[n], runners.get(n), ids, a.gen)
-                if r:
-                    runs[n].append(res)
-        for n in names:
-            wb = weight_bytes_per_token(variants[n].model)
-            dec = statistics.median(x[1] for x in runs[n])
-            rows.append({"variant": n if n == "transformers" else f"lmpress {n}", "threads": t,
-                         "prefill_tok_s": statistics.median(x[0] for x in runs[n]), "decode_tok_s": dec,
+        cpp = [LlamaCpp(a.llamacpp_python, g, t, a.prompt_tokens, a.gen) for g in ggufs]
+        runs: dict[str, list] = {n: [] for n in [*names, *(c.name for c in cpp)]}
+        try:
+            for r in range(a.repeats + 1):  # round 0 warms up
+                for n in names:
+                    res = one_run(n, variants[n], runners.get(n), ids, a.gen)
+                    if r:
+                        runs[n].append(res)
+                for c in cpp:
+                    res = c.round()
+                    if r:
+                        runs[c.name].append(res)
+        finally:
+            for c in cpp:
+                c.close()
+        sizes = {c.name: os.path.getsize(c.path) for c in cpp}
+        for n, got in runs.items():
+            wb = sizes[n] if n in sizes else weight_bytes_per_token(variants[n].model)
+            dec = statistics.median(x[1] for x in got)
+            rows.append({"variant": n if n in ("transformers", *sizes) else f"lmpress {n}", "threads": t,
+                         "prefill_tok_s": statistics.median(x[0] for x in got), "decode_tok_s": dec,
                          "weight_bytes": wb, "copy_bw_gb_s": bw / 1e9, "roofline_fraction": dec * wb / bw})
-    ggufs = [g for g in a.llamacpp.split(",") if g]
-    if a.make_gguf:
-        ggufs += make_ggufs(a.model, Path(a.make_gguf), a.llamacpp_python)
-    if ggufs:
-        for row in llamacpp_rows(a.llamacpp_python, ggufs, threads, a.prompt_tokens, a.gen, a.repeats):
-            bw = copy_bandwidth(row["threads"])
-            rows.append({**row, "copy_bw_gb_s": bw / 1e9, "roofline_fraction": row["decode_tok_s"] *
-                         row["weight_bytes"] / bw})
     if a.draft:
         rows += [speculative_row(base, a.draft, v, int(k), a.prompt_tokens, a.gen, t, a.repeats)
                  for v in a.spec_variants.split(",") for k in a.draft_k.split(",") for t in threads]
