@@ -581,15 +581,21 @@ void quantize_q8_avx2(const Problem& p, const float* x, int8_t* xq, float* xd, f
                 _mm256_store_si256(reinterpret_cast<__m256i*>(qi + 8 * k), t);
             }
             const int32_t sum = LMP_NS::hsum_i(qs);
-            if (p.bits == 4) {
+            // the 32 codes as int8 in column order (values are within ±127: the packs never saturate)
+            __m256i a = _mm256_packs_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(qi)),
+                                           _mm256_load_si256(reinterpret_cast<const __m256i*>(qi + 8)));
+            __m256i c = _mm256_packs_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(qi + 16)),
+                                           _mm256_load_si256(reinterpret_cast<const __m256i*>(qi + 24)));
+            a = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, c), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            if (p.bits == 4) {  // even columns to dst[0..15], odd ones to dst[32..47] (the int4 kernel's layout)
+                const __m256i eo = _mm256_shuffle_epi8(a, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11,
+                                                                           13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5,
+                                                                           7, 9, 11, 13, 15));
+                const __m256i split = _mm256_permute4x64_epi64(eo, 0xD8);  // [evens 0-7, evens 8-15 | odds, odds]
                 int8_t* dst = q + (b >> 1) * 64 + (b & 1) * 16;
-                for (int j = 0; j < 16; ++j) dst[j] = static_cast<int8_t>(qi[2 * j]), dst[32 + j] = static_cast<int8_t>(qi[2 * j + 1]);
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(split));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_extracti128_si256(split, 1));
             } else {
-                __m256i a = _mm256_packs_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(qi)),
-                                               _mm256_load_si256(reinterpret_cast<const __m256i*>(qi + 8)));
-                __m256i c = _mm256_packs_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(qi + 16)),
-                                               _mm256_load_si256(reinterpret_cast<const __m256i*>(qi + 24)));
-                a = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, c), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
                 _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32), a);
             }
             xc[m * p.nblk + b] = -128 * sum;
