@@ -38,6 +38,11 @@ def check_pair(target: Engine, draft: Engine) -> None:
                        f"size; speculative decoding needs a draft of the same family") from None
 
 
+# Tokens the draft catches up on through decode steps (the fused native step for one row) rather than a prefill
+# (the per-op path: ~15 calls per block), which only pays for longer runs such as the prompt.
+FEED_BY_DECODE = 2
+
+
 def speculative_events(target: Engine, draft: Engine, prompt, params: SamplingParams | None = None,
                        k: int = 4):
     """Events of one greedy generation of `target`, drafted by `draft` (row 0 of both engines' caches)."""
@@ -98,7 +103,12 @@ def speculative_events(target: Engine, draft: Engine, prompt, params: SamplingPa
         qs: list = []
         if kk:
             pending = history[draft_len:]
-            d, q = propose(D.prefill(torch.tensor([pending]), start=draft_len)[0].cpu())
+            if len(pending) <= FEED_BY_DECODE:  # the usual case: the last accepted token and the target's own
+                for j, tok in enumerate(pending):
+                    draft_logits = D.decode(torch.tensor([tok]), draft_len + j, out=draft_logits)
+                d, q = propose(draft_logits[0].cpu())
+            else:
+                d, q = propose(D.prefill(torch.tensor([pending]), start=draft_len)[0].cpu())
             draft_len = len(history)
             proposals.append(d)
             qs.append(q)
