@@ -11,7 +11,10 @@ kernel is involved), WikiText-2 windows of 512 (BOS + 511 tokens, the last 256 s
 --offset), KLD to the float model. Variants: rtn (min-max, integer zero); hqq (lmpress: per group the
 iterate with the lowest Σ|e|^0.7); hqq-l1 / hqq-l2 (the same iterates, kept by Σ|e| / Σe²); hqq-official
 (the HQQ library's rule: stop when the whole tensor's mean |e| rises); hqq-kv-rtn (hqq, but k_proj and
-v_proj by RTN); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0).
+v_proj by RTN); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0); hqq-ls (hqq's codes, each
+group's scale and zero refit by least squares); hqq-unbias / hqq-unbias-row (hqq's codes and zeros, the scale
+divided by α = <ŵ, w>/<w, w> of the group / of the row: no attenuation of w's own direction). Each KLD row also gives ‖Ŵ‖/‖W‖ averaged over the layers (does
+the method shrink the weights?).
 --layers: per layer type, HQQ's error over RTN's — on the weight, on the layer's output with real inputs
 (XᵀX of 4 later windows), on each group's mean (a bias), at each group's largest weight, and on the 1% input
 columns of largest norm — instead of the KLD.
@@ -61,13 +64,26 @@ def fake_quant(w, bits, group, variant, name):
     if variant == "rtn" or (variant == "hqq-kv-rtn" and ("k_proj" in name or "v_proj" in name)):
         qp = storage_qparams(compute_qparams(w, bits, group, symmetric=False))
         return dequantize(quantize(w, qp), qp)
-    if variant in ("hqq", "hqq-kv-rtn", "hqq-mean"):
+    if variant in ("hqq", "hqq-kv-rtn", "hqq-mean", "hqq-ls", "hqq-unbias", "hqq-unbias-row"):
         codes, qp = hqq_qparams(w, bits, group)
         c = codes.float().reshape(w.shape[0], qp.scale.shape[1], -1)
-        z = qp.zero[..., None]
+        s, z = qp.scale[..., None], qp.zero[..., None]
         if variant == "hqq-mean":  # same codes, the zero moved so that each group's mean error is 0
-            z = (c - w.reshape(c.shape) / qp.scale[..., None]).mean(-1, keepdim=True).half().float()
-        return ((c - z) * qp.scale[..., None]).reshape(w.shape)
+            z = (c - w.reshape(c.shape) / s).mean(-1, keepdim=True).half().float()
+        if variant == "hqq-ls":  # same codes, scale and zero refit by least squares per group (w ≈ s·(c − z))
+            wg = w.reshape(c.shape).float()
+            cc, wc = c - c.mean(-1, keepdim=True), wg - wg.mean(-1, keepdim=True)
+            var = (cc * cc).sum(-1, keepdim=True)
+            s_ls = torch.where(var > 0, (cc * wc).sum(-1, keepdim=True) / var.clamp_min(1e-12), s)
+            s = torch.where(s_ls > 0, s_ls, s).half().float()
+            z = (c.mean(-1, keepdim=True) - wg.mean(-1, keepdim=True) / s).half().float()
+        if variant.startswith("hqq-unbias"):  # same codes and zeros, the scale divided by the attenuation
+            wg = w.reshape(c.shape).float()  # α = <ŵ, w> / <w, w> (per group, or per row), so that ŵ's
+            wh = (c - z) * s  # component along w is w itself
+            dims = (-1,) if variant == "hqq-unbias" else (-2, -1)
+            alpha = (wh * wg).sum(dims, keepdim=True) / (wg * wg).sum(dims, keepdim=True).clamp_min(1e-20)
+            s = torch.where(alpha > 0.5, s / alpha, s).half().float()
+        return ((c - z) * s).reshape(w.shape)
     return hqq_variant(w, bits, group, variant.removeprefix("hqq-"))
 
 
@@ -138,16 +154,17 @@ def main(argv=None):
         return F.log_softmax(lm.model(ev[i:i + 2]).logits[:, 256:].float(), -1)
 
     base = [logp(i).half() for i in range(0, a.windows, 2)]  # fp16 keeps the float model's 20 windows in 1.5 GB
-    print(f"| variant | KLD (windows {a.offset}–{a.offset + a.windows - 1}) |\n|---|---|")
+    print(f"| variant | KLD (windows {a.offset}–{a.offset + a.windows - 1}) | ‖Ŵ‖/‖W‖ (mean over layers) |\n|---|---|---|")
     for v in a.variants.split(","):
         with torch.no_grad():
             for n, m in lins.items():
                 m.weight.copy_(fake_quant(orig[n], a.bits, a.group, v, n))
+        gain = sum(float(m.weight.detach().norm() / orig[n].norm()) for n, m in lins.items()) / len(lins)
         tot = 0.0
         for j, i in enumerate(range(0, a.windows, 2)):
             b, lp = base[j].float(), logp(i)
             tot += float((b.exp() * (b - lp)).sum(-1).sum())
-        print(f"| {v} | {tot / (a.windows * 256):.4f} |", flush=True)
+        print(f"| {v} | {tot / (a.windows * 256):.4f} | {gain:.5f} |", flush=True)
 
 
 if __name__ == "__main__":

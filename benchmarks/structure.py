@@ -11,6 +11,7 @@ forward uses the dense path; this row is why).
 
 usage: python benchmarks/structure.py MODEL [--out FILE.jsonl] [--windows 40] [--ctx 512] [--recover 200]
            [--tasks arc_easy,piqa,hellaswag] [--limit 100] [--threads 2] [--rows mlp25,mlp50,...] [--smoke]
+       python benchmarks/structure.py RESULTS.jsonl --table      the markdown table of a results file
        python benchmarks/structure.py MODEL --speed [--rows base,mlp25,...] [--threads 1,2] [--repeats 5]
            [--speed-recipes fp32,w4g128+h8] [--speed-out FILE.jsonl]
 --speed: decode speed only, side by side — the pruned models (no recovery: it changes no shape) and the base,
@@ -132,6 +133,24 @@ def speed(base, args) -> None:
                 fh.write(json.dumps({"model": args.model, "repeats": args.repeats, **r}) + "\n")
 
 
+def table(path: str) -> None:
+    """The markdown table of a results file (the quality rows; the sparse-matmul row as a line after it)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    print("| row | parameters | perplexity | KLD | top-1 | zero-shot avg | decode tok/s | training s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "perplexity" not in r:
+            continue
+        train = f"{r['train_s']:.0f}" if "train_s" in r else "—"
+        print(f"| {r['row']} | {r['params'] / 1e6:.1f}M | {r['perplexity']:.2f} | {r['kld']:.4f} | "
+              f"{r['top1_agreement']:.3f} | {r.get('zero_shot_avg', float('nan')):.3f} | "
+              f"{r.get('decode_tokens_per_s', float('nan')):.1f} | {train} |")
+    for r in rows:
+        if r["row"] == "sparse-matmul":
+            print("\nsparse-matmul: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in r.items() if k not in ("row", "model", "train")))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -156,10 +175,13 @@ def main():
                     "the distilled student is the draft of issue 6 (c))")
     ap.add_argument("--rows", default="base,mlp25,mlp50,heads33,depth20,student-kd,student-ce,sparse-matmul")
     ap.add_argument("--smoke", action="store_true", help="tiny settings to check the script runs (not a result)")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the results file MODEL")
     ap.add_argument("--speed", action="store_true", help="decode speed only, side by side (see the docstring)")
     ap.add_argument("--speed-recipes", default="fp32,w4g128+h8")
     ap.add_argument("--speed-out")
     args = ap.parse_args()
+    if args.table:
+        return table(args.model)
     if args.speed:
         base = lmpress.load(args.model)
         if args.rows == ap.get_default("rows"):
