@@ -159,8 +159,11 @@ class PackedLinear(torch.nn.Module):
                 # bit, dequantized natively into this thread's scratch buffer, then torch's float matmul
                 I, O, w, rb, bits, sc, ze, sf16, g, bias = dq
                 buf = kernels.scratch(O * I)
+                # on one thread: torch's matmul right after runs on its own OpenMP threads, which keep spinning
+                # between calls; a second pool of ours fighting them for the cores made 2-thread prefill slower
+                # than 1-thread (SmolLM2 w4g128, 64-token prompt: 360 → 440 tok/s at 2 threads this way)
                 kernels._native.dequant(w, rb, O, I, bits, sc, ze, sf16, g, buf.data_ptr(),
-                                        kernels._isa(cap) if cap else -1, kernels._threads or torch.get_num_threads())
+                                        kernels._isa(cap) if cap else -1, 1)
                 return F.linear(x, buf[:O * I].view(O, I), bias)
         elif kernels._native is None and kernels.ENABLED:
             kernels.available()  # the one warning that the library is missing
