@@ -225,8 +225,7 @@ TIE_GAP = 1e-3
 def near_tie(lm, prompt: list[int], alone: list[int], spec: list[int]) -> dict:
     """Where two greedy outputs first differ, the reference forward's (transformers, float32) top-2 gap at that
     position; a gap above TIE_GAP is a real difference and stops the benchmark."""
-    i = next(j for j, (x, y) in enumerate(zip(alone, spec)) if x != y) if alone[:len(spec)] != spec[:len(alone)] \
-        else min(len(alone), len(spec))
+    i = next((j for j, (x, y) in enumerate(zip(alone, spec)) if x != y), min(len(alone), len(spec)))
     with torch.inference_mode():
         logits = lm.model(input_ids=torch.tensor([prompt + alone[:i]])).logits[0, -1].float()
     top = torch.topk(logits, 2).values
