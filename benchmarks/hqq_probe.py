@@ -124,7 +124,7 @@ def main(argv=None):
             lm.model(windows(lm, ids, 100, 4))
         for h in hs:
             h.remove()
-        per_type = {}
+        per_type, per_layer = {}, []
         for n, w in orig.items():
             er = w - fake_quant(w, a.bits, a.group, "rtn", n)
             eh = w - fake_quant(w, a.bits, a.group, "hqq", n)
@@ -139,6 +139,7 @@ def main(argv=None):
                 return torch.tensor([float((e**2).sum()), out(e), float((eg.mean(-1)**2).sum()),
                                      float(eg.gather(-1, at_max).abs().sum()), float((e[:, top]**2).sum())])
             per_type.setdefault(n.split(".")[-1], []).append((stats(eh) / stats(er)).tolist())
+            per_layer.append((per_type[n.split(".")[-1]][-1][1], n))
         print("| layer type | weight error² | output error² (real inputs) | group-mean error² (bias) | "
               "|error| at each group's largest weight | error² on the 1% largest-norm columns |\n"
               "|---|---|---|---|---|---|")
@@ -146,6 +147,8 @@ def main(argv=None):
             t = torch.tensor(v).mean(0).tolist()
             print(f"| {k} | " + " | ".join(f"{x:.3f}" for x in t) + " |")
         print("\n(each: HQQ's over RTN's, averaged over the layers of that type)")
+        print("layers with the highest output-error ratio: " +
+              ", ".join(f"{n} {r:.3f}" for r, n in sorted(per_layer, reverse=True)[:8]))
         return
     ev = windows(lm, ids, a.offset, a.windows)
 
