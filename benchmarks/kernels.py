@@ -249,7 +249,8 @@ def main_decode(a) -> None:
     try:
         for name in a.variants:
             lm = copy.deepcopy(base_lm)
-            lmpress.compress(lm, RECIPES[name])
+            if RECIPES[name]:
+                lmpress.compress(lm, RECIPES[name])
             runners = {}
             for k, nat in natives.items():
                 kernels._native = nat

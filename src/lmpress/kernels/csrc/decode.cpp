@@ -372,9 +372,7 @@ void linears(Plan& P, const float* x, std::initializer_list<std::pair<const Lin*
         ++B.n;
     }
     if (clock) clock->lap(PH_PREP);
-    // a few chunks per thread, whole tiles of 8 rows
-    const int64_t chunk = (std::max<int64_t>(8, (B.total + 4 * threads - 1) / (4 * threads)) + 7) & ~int64_t(7);
-    parallel_for(B.total, chunk, threads, batch_rows, &B);
+    parallel_for(B.total, thread_chunk(B.total, threads, 8), threads, batch_rows, &B);  // whole tiles of 8 rows
 }
 
 // ---- the other pieces ---------------------------------------------------------------------------------------
@@ -558,8 +556,10 @@ void step(Plan& P, int64_t token, int64_t pos, float* logits, int isa, int threa
         }
         lap(PH_ROPE);
         AttnCtx ac{&P, q, K, V, att, P.scores.data(), pos + 1, isa};
-        // one head's work is (pos + 1)·Dh·4 flops: split across threads only when that pays for the hand-off
-        parallel_for(H, 1, (pos + 1) * Dh * H >= (1 << 14) ? threads : 1, attn_heads, &ac);
+        // one head's work is (pos + 1)·Dh·4 flops: split across threads only when that pays for the hand-off; in
+        // contiguous runs of heads, so that a thread keeps reading the same kv heads' cache from token to token
+        const int at = (pos + 1) * Dh * H >= (1 << 14) ? threads : 1;
+        parallel_for(H, thread_chunk(H, at, 1), at, attn_heads, &ac);
         lap(PH_ATTN);
         linears(P, att, {{&L.o, t}}, isa, threads, c);
         lap(PH_O);
@@ -720,8 +720,7 @@ PyObject* py_linear_f32(PyObject*, PyObject* args) {
               M, I, O, clamp_isa(isa)};
     Py_BEGIN_ALLOW_THREADS
     const int t = std::max(threads, 1);
-    const int64_t chunk = (std::max<int64_t>(4, (O + 4 * t - 1) / (4 * t)) + 3) & ~int64_t(3);
-    parallel_for(O, chunk, t, gemm_f32_rows, &g);
+    parallel_for(O, thread_chunk(O, t, 4), t, gemm_f32_rows, &g);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

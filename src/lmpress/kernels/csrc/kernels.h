@@ -155,4 +155,13 @@ void lowbit_rows(const LowBit& p, int isa, int64_t o0, int64_t o1);
 // Threads: run fn(ctx, begin, end) over [0, n) split in chunks, on up to `threads` threads (caller included).
 void parallel_for(int64_t n, int64_t chunk, int threads, void (*fn)(void*, int64_t, int64_t), void* ctx);
 
+// The chunk for splitting n rows of a GEMV or small GEMM: one chunk per thread, a multiple of `align` rows. More
+// chunks than threads cost more than they balance here: every claim and completion is a cache line moving
+// between cores (on this machine's 2 vCPUs, 8 chunks instead of 2 made a SmolLM2 W4 decode step 15% slower at
+// 2 threads, busy machine or quiet), and a helper that is late simply leaves its chunk to the caller.
+inline int64_t thread_chunk(int64_t n, int threads, int64_t align) {
+    const int64_t c = (n + threads - 1) / (threads > 0 ? threads : 1);
+    return c < align ? align : (c + align - 1) / align * align;
+}
+
 }  // namespace lmp

@@ -43,9 +43,7 @@ void run_rows(void* ctx, int64_t o0, int64_t o1) {
 
 void run(const Problem& p, int isa, int threads) {
     std::pair<const Problem*, int> w{&p, isa};
-    // a few chunks per thread, whole tiles of 8 rows (Problem::tiles is indexed by tile)
-    const int64_t chunk = (std::max<int64_t>(8, (p.O + 4 * threads - 1) / (4 * threads)) + 7) & ~int64_t(7);
-    parallel_for(p.O, chunk, threads, run_rows, &w);
+    parallel_for(p.O, thread_chunk(p.O, threads, 8), threads, run_rows, &w);  // whole tiles of 8 rows (Problem::tiles)
 }
 
 // Scratch for the prepared activations and per-call Problem::tiles, reused across calls of one Python thread.
@@ -253,8 +251,7 @@ PyObject* py_lowbit(PyObject*, PyObject* args) {
     Py_BEGIN_ALLOW_THREADS
     std::pair<const LowBit*, int> ctx{&p, clamp_isa(isa)};
     const int t = std::max(threads, 1);
-    const int64_t chunk = (std::max<int64_t>(4, (O + 4 * t - 1) / (4 * t)) + 3) & ~int64_t(3);
-    parallel_for(O, chunk, t, lowbit_run, &ctx);
+    parallel_for(O, thread_chunk(O, t, 4), t, lowbit_run, &ctx);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
