@@ -402,3 +402,19 @@ def test_packed_linear_many_rows_gradient_and_written_buffers():
     before = m(xs)
     m.scales.mul_(2)    # written in place: the cached kernel arguments are derived again
     assert torch.equal(m(xs), m.forward_reference(xs)) and not torch.equal(m(xs), before)
+
+
+def test_torch_on_one_thread_keeps_the_kernels_threads_and_restores_both():
+    before_torch, before = torch.get_num_threads(), kernels._threads
+    try:
+        torch.set_num_threads(2)
+        kernels.set_num_threads(None)  # the kernels follow torch: 2
+        with kernels.torch_on_one_thread():
+            assert torch.get_num_threads() == 1 and kernels.get_num_threads() == 2
+        assert torch.get_num_threads() == 2 and kernels._threads is None
+        with pytest.raises(RuntimeError), kernels.torch_on_one_thread():
+            raise RuntimeError("restored on the way out too")
+        assert torch.get_num_threads() == 2 and kernels._threads is None
+    finally:
+        torch.set_num_threads(before_torch)
+        kernels.set_num_threads(before)

@@ -217,6 +217,12 @@ class NativeRunner:
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, start: int = 0, row: int = 0, all_logits: bool = False) -> torch.Tensor:
+        if ids.numel() <= FLOAT_MAX_ROWS and self.device.type == "cpu":
+            with kernels.torch_on_one_thread():  # a few rows: the native kernels carry the work
+                return self._prefill(ids, start, row, all_logits)
+        return self._prefill(ids, start, row, all_logits)
+
+    def _prefill(self, ids: torch.Tensor, start: int, row: int, all_logits: bool) -> torch.Tensor:
         B, T = ids.shape
         self._check(row + B, start + T)
         pos = slice(start, start + T)
@@ -247,6 +253,14 @@ class NativeRunner:
         if B == 1 and self.fused and kernels.ENABLED and (self._plan or self._plan is None and self._build_plan()):
             p = pos if isinstance(pos, int) else int(torch.as_tensor(pos).reshape(-1)[0])
             return self._decode_fused(int(ids[0]), p, out)
+        if self.device.type != "cpu":
+            return self._decode_ops(ids, pos)
+        with kernels.torch_on_one_thread():  # a few rows: the native kernels carry the work
+            return self._decode_ops(ids, pos)
+
+    def _decode_ops(self, ids: torch.Tensor, pos) -> torch.Tensor:
+        """The per-op decode step (any batch; the fused step's reference)."""
+        B = ids.shape[0]
         H, KV, G, Dh = self.n_heads, self.n_kv, self.group, self.head_dim
         if isinstance(pos, int):
             p = torch.tensor([pos], device=self.device)
