@@ -8,6 +8,7 @@ usage: python benchmarks/runtime.py [MODEL] [--threads 1,2] [--gen 128] [--promp
            [--llamacpp-python /work/llvenv/bin/python] [--make-gguf DIR]
            [--draft MODEL --draft-k 4 --spec-variants fp32:w4g128+h8,...]
            [--out FILE.jsonl]
+       python benchmarks/runtime.py [MODEL] --check-greedy 64 [--variants fp32,w8+h8,w4g128+h8]   fast path = reference?
        python benchmarks/runtime.py --overhead [--layers 30]    per-token Python cost of the decode loop
 
 Variants: lmpress recipes by name (RECIPES below; "+h8" also quantizes the output head to int8, as llama.cpp's
@@ -46,6 +47,7 @@ import lmpress
 from lmpress.eval.bench import bench_prompt, generate_greedy, generate_greedy_runtime
 from lmpress.recipe import RTN, W8A8Dynamic
 from lmpress.runtime import Engine, NativeRunner, SamplingParams, speculative_generate
+from lmpress.runtime.model import HFRunner
 
 HEAD8 = RTN(8, None, symmetric=True, targets="lm_head", ignore=None)  # the output head too (llama.cpp quantizes it)
 RECIPES = {"fp32": [], "w8": [RTN(8, None, symmetric=True)], "w8a8": [W8A8Dynamic()], "w4g128": [RTN(4, 128)],
@@ -236,6 +238,44 @@ def near_tie(lm, prompt: list[int], alone: list[int], spec: list[int]) -> dict:
     return {"token": i, "top2_gap": gap}
 
 
+def check_greedy(base, name: str, prompt: list[int], n: int, act: str) -> dict:
+    """The fast path (NativeRunner: the fused step) against the reference path (HFRunner: transformers' forward
+    over the same lmpress modules), stepped together through the reference's greedy tokens: how many of the
+    first n greedy choices agree; where they first differ, the reference's top-2 logit gap there; and the
+    largest |logit difference| between the paths over the steps before (how far apart the two arithmetics are
+    on this model: a first difference whose gap is below it is a near-tie of that arithmetic).
+    act: the packed layers' activations on one-row inputs — "q8" (as shipped: rounded to int8 per block of 32, a
+    step function of its input, so the summation-order differences between the paths, ~1e-5 of the logits in
+    fp32, flip codes and move logits by tenths) or "f32" (float activations: summation order only)."""
+    from lmpress.nn.packed import PackedLinear
+
+    lm = make_variant(base, name)
+    saved, PackedLinear.native_act = PackedLinear.native_act, act
+    try:
+        fast, ref = NativeRunner(lm, max_len=len(prompt) + n + 1), HFRunner(lm, 1, len(prompt) + n + 1)
+        first, gap, spread = None, None, 0.0
+        with torch.inference_mode():
+            lf, lr = fast.prefill(torch.tensor([prompt]))[0], ref.prefill(torch.tensor([prompt]))[0]
+            for j in range(n):
+                top = torch.topk(lr.float(), 2)
+                tok = int(top.indices[0])
+                if int(lf.argmax()) != tok:
+                    first, gap = j, float(top.values[0] - top.values[1])
+                    break
+                spread = max(spread, float((lf - lr).abs().max()))
+                if j + 1 < n:
+                    lf = fast.decode(torch.tensor([tok]), len(prompt) + j)[0]
+                    lr = ref.decode(torch.tensor([tok]), len(prompt) + j)[0]
+    finally:
+        PackedLinear.native_act = saved
+    row = {"variant": f"lmpress {name}", "act": act, "tokens": n, "equal_tokens": n if first is None else first,
+           "first_diff": first, "max_abs_logit_diff": spread}
+    if first is not None:
+        row["top2_gap"] = gap
+        row["tie"] = gap <= max(TIE_GAP, 2 * spread)  # the margin moves by up to twice the largest difference
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -251,6 +291,9 @@ def main() -> None:
     ap.add_argument("--draft-k", default="4", help="tokens the draft proposes per round (comma-separated: a row each)")
     ap.add_argument("--spec-variants", default="fp32:w4g128+h8",
                     help="comma-separated TARGET:DRAFT recipe pairs for the speculative rows (one name: both)")
+    ap.add_argument("--check-greedy", type=int, metavar="N",
+                    help="instead of timing: the first N greedy tokens of each lmpress variant, fast path against "
+                         "the reference path (prompt: BOS + --prompt-tokens of the built-in corpus)")
     ap.add_argument("--out", help="append the rows to this JSONL file")
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--layers", type=int, default=30)
@@ -262,6 +305,22 @@ def main() -> None:
     threads = [int(t) for t in a.threads.split(",")]
     base = lmpress.load(a.model)
     names = [n for n in a.variants.split(",") if n and n != "none"]
+    if a.check_greedy:
+        torch.set_num_threads(threads[0])
+        prompt = text_prompt(base, a.prompt_tokens)
+        rows = [check_greedy(base, n, prompt, a.check_greedy, act) for n in names if n != "transformers"
+                for act in ("q8", "f32")]
+        print(f"{os.path.basename(a.model)}: first {a.check_greedy} greedy tokens, fast path (fused native step) "
+              f"against the reference path (transformers forward over the same modules)\n")
+        print("| variant | activations | tokens equal | first difference | reference top-2 gap there | "
+              "max \\|Δ logit\\| before |\n|---|---|---|---|---|---|")
+        for r in rows:
+            gap = f"{r['top2_gap']:.2e} ({'near-tie' if r['tie'] else 'NOT a tie'})" if "top2_gap" in r else "—"
+            first = "—" if r["first_diff"] is None else r["first_diff"]
+            print(f"| {r['variant']} | {r['act']} | {r['equal_tokens']} / {r['tokens']} | {first} | {gap} | "
+                  f"{r['max_abs_logit_diff']:.1e} |")
+        write_rows(a, rows)
+        return
     variants = {n: make_variant(base, n) for n in names}
     runners = {n: NativeRunner(lm, max_len=a.prompt_tokens + a.gen + 1) for n, lm in variants.items()
                if n != "transformers"}
@@ -315,6 +374,10 @@ def main() -> None:
         if "acceptance_rate" in r:
             print(f"\n{r['variant']} at {r['threads']} threads: acceptance {r['acceptance_rate']:.2f}, "
                   f"{r['decode_tok_s']:.1f} vs {r['target_alone_tok_s']:.1f} tok/s alone ({r['speedup']:.2f}×)")
+    write_rows(a, rows)
+
+
+def write_rows(a, rows: list[dict]) -> None:
     print(f"\ncommand: python {' '.join(sys.argv)}")
     if a.out:
         with open(a.out, "a") as fh:
