@@ -11,7 +11,9 @@ kernel is involved), WikiText-2 windows of 512 (BOS + 511 tokens, the last 256 s
 --offset), KLD to the float model. Variants: rtn (min-max, integer zero); hqq (lmpress: per group the
 iterate with the lowest Σ|e|^0.7); hqq-l1 / hqq-l2 (the same iterates, kept by Σ|e| / Σe²); hqq-official
 (the HQQ library's rule: stop when the whole tensor's mean |e| rises); hqq-kv-rtn (hqq, but k_proj and
-v_proj by RTN); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0); hqq-ls (hqq's codes, each
+v_proj by RTN); rtn-frac (min-max with the fractional zero that maps each group's min to code 0 exactly, HQQ's
+start); hqq-minmax (hqq started from that fractional zero: `start="minmax"`); hqq-both-l2 /
+hqq-both-lp (per group the better of hqq from either start, by Σe² / Σ|e|^0.7); hqq-int (HQQ's zero rounded to an integer, codes recomputed); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0); hqq-ls (hqq's codes, each
 group's scale and zero refit by least squares); hqq-unbias / hqq-unbias-row (hqq's codes and zeros, the scale
 divided by α = <ŵ, w>/<w, w> of the group / of the row: no attenuation of w's own direction). Each KLD row also gives ‖Ŵ‖/‖W‖ averaged over the layers (does
 the method shrink the weights?).
@@ -61,11 +63,32 @@ def hqq_variant(w, bits, group, rule, iters=20, p=0.7, beta=10.0, kappa=1.01):
 
 
 def fake_quant(w, bits, group, variant, name):
+    if variant in ("rtn-frac", "hqq-int"):  # the fractional zero on trial: min-max with it exact / HQQ's rounded
+        qp = storage_qparams(compute_qparams(w, bits, group, symmetric=False))
+        wg = w.reshape(w.shape[0], qp.scale.shape[1], -1)
+        s = qp.scale[..., None]
+        if variant == "rtn-frac":  # the zero that maps each group's min to code 0 exactly (HQQ's starting point)
+            z = (-wg.amin(-1, keepdim=True) / s).half().float()
+        else:  # HQQ's zero rounded to an integer, codes recomputed
+            _, hq = hqq_qparams(w, bits, group)
+            z = torch.round(hq.zero[..., None])
+        c = torch.clamp(torch.round(wg / s + z), 0, 2**bits - 1)
+        return ((c - z) * s).reshape(w.shape)
+    if variant in ("hqq-both-l2", "hqq-both-lp"):  # per group, the better of HQQ from each start
+        out = []
+        for start in ("rtn", "minmax"):
+            codes, qp = hqq_qparams(w, bits, group, start=start)
+            c = codes.float().reshape(w.shape[0], qp.scale.shape[1], -1)
+            out.append((c - qp.zero[..., None]) * qp.scale[..., None])
+        wg = w.reshape(out[0].shape)
+        p = 2.0 if variant.endswith("l2") else 0.7
+        e0, e1 = ((o - wg).abs().pow(p).sum(-1, keepdim=True) for o in out)
+        return torch.where(e1 < e0, out[1], out[0]).reshape(w.shape)
     if variant == "rtn" or (variant == "hqq-kv-rtn" and ("k_proj" in name or "v_proj" in name)):
         qp = storage_qparams(compute_qparams(w, bits, group, symmetric=False))
         return dequantize(quantize(w, qp), qp)
-    if variant in ("hqq", "hqq-kv-rtn", "hqq-mean", "hqq-ls", "hqq-unbias", "hqq-unbias-row"):
-        codes, qp = hqq_qparams(w, bits, group)
+    if variant in ("hqq", "hqq-kv-rtn", "hqq-mean", "hqq-ls", "hqq-unbias", "hqq-unbias-row", "hqq-minmax"):
+        codes, qp = hqq_qparams(w, bits, group, start="minmax" if variant == "hqq-minmax" else "rtn")
         c = codes.float().reshape(w.shape[0], qp.scale.shape[1], -1)
         s, z = qp.scale[..., None], qp.zero[..., None]
         if variant == "hqq-mean":  # same codes, the zero moved so that each group's mean error is 0

@@ -335,7 +335,7 @@ def test_hqq_grid_keeps_hqqs_parameters_and_lowers_its_output_error(bits, group)
     assert torch.equal(q.scales.float().T, ref.scale.half().float())
     assert torch.equal(q.zeros.float().T, ref.zero.half().float())
     assert (q.zeros.float() != q.zeros.float().round()).any()  # fractional zeros survive packing
-    h = quantize_hqq(lin, NS(bits=bits, group_size=group, iters=20, lp_norm=0.7, beta=10.0, kappa=1.01))
+    h = quantize_hqq(lin, NS(bits=bits, group_size=group, iters=20, lp_norm=0.7, beta=10.0, kappa=1.01, start="rtn"))
     e_grid, e_hqq = out_error(q, lin, x), out_error(h, lin, x)
     assert e_grid < 0.75 * e_hqq, (e_grid, e_hqq)
 
@@ -360,7 +360,7 @@ def test_hqq_grid_with_act_order():
 
     x = correlated_inputs(2048, 128, seed=3, col_scale=torch.linspace(0.2, 3, 128))
     lin, stats = layer_and_stats(x, 64, 3)
-    h = out_error(quantize_hqq(lin, NS(bits=3, group_size=32, iters=20, lp_norm=0.7, beta=10.0, kappa=1.01)), lin, x)
+    h = out_error(quantize_hqq(lin, NS(bits=3, group_size=32, iters=20, lp_norm=0.7, beta=10.0, kappa=1.01, start="rtn")), lin, x)
     plain = out_error(gptq.apply(lin, stats, NS(bits=3, group_size=32, grid="hqq")), lin, x)
     ordered = gptq.apply(lin, stats, NS(bits=3, group_size=32, grid="hqq", act_order=True, static_groups=True))
     assert out_error(ordered, lin, x) < 0.7 * plain < 0.7 * h

@@ -175,3 +175,25 @@ def test_gptq_preset_through_compress_saves_and_loads(tokenizer, tmp_path):
     assert torch.equal(logits(lm), logits(back)) and back.recipe[0]["step"] == "GPTQ"
     with pytest.raises(BadInput, match="ignore"):
         compress(tiny_model("llama", tokenizer), [GPTQ(4, 32, ignore=None)], data=data)  # lm_head: outside blocks
+
+
+def test_hqq_minmax_start_never_above_its_start_and_bad_start_refused():
+    """start="minmax": the fractional zero that puts each group's min and max on the first and last code; the
+    solver keeps, per group, nothing worse (by its objective) than that start."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 128, generator=g) * torch.linspace(0.2, 3.0, 128)  # uneven columns
+    for bits in (3, 4):
+        qp = storage_qparams(compute_qparams(w, bits, 32, symmetric=False))
+        wg = w.reshape(16, 4, 32)
+        s = qp.scale[..., None]
+        z0 = (-wg.amin(-1, keepdim=True) / s).half().float()
+        c0 = torch.clamp(torch.round(wg / s + z0), 0, 2**bits - 1)
+        start_obj = ((c0 - z0) * s - wg).abs().pow(0.7).sum(-1)
+        codes, hq = hqq_qparams(w, bits, 32, start="minmax")
+        e = (dequantize(codes, hq) - w).reshape(16, 4, 32).abs().pow(0.7).sum(-1)
+        assert bool((e <= start_obj * (1 + 1e-6)).all()), bits
+        assert bool((c0.amin(-1) == 0).all()) and bool((c0.amax(-1) >= 2**bits - 2).all())  # the range is kept
+    with pytest.raises(BadInput):
+        HQQ(bits=3, group_size=64, start="middle")
+    with pytest.raises(ValueError):
+        hqq_qparams(w, 3, 32, start="middle")
