@@ -12,8 +12,7 @@ kernel is involved), WikiText-2 windows of 512 (BOS + 511 tokens, the last 256 s
 iterate with the lowest Σ|e|^0.7); hqq-l1 / hqq-l2 (the same iterates, kept by Σ|e| / Σe²); hqq-official
 (the HQQ library's rule: stop when the whole tensor's mean |e| rises); hqq-kv-rtn (hqq, but k_proj and
 v_proj by RTN); rtn-frac (min-max with the fractional zero that maps each group's min to code 0 exactly, HQQ's
-start); hqq-minmax (hqq started from that fractional zero: `start="minmax"`); hqq-salient[-K] (the minmax start only in
-groups that hold an input column whose norm exceeds K (2) times the layer's median: AWQ-scaled columns); hqq-both-l2 /
+start); hqq-minmax (hqq started from that fractional zero: `start="minmax"`); hqq-both-l2 /
 hqq-both-lp (per group the better of hqq from either start, by Σe² / Σ|e|^0.7); hqq-int (HQQ's zero rounded to an integer, codes recomputed); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0); hqq-ls (hqq's codes, each
 group's scale and zero refit by least squares); hqq-unbias / hqq-unbias-row (hqq's codes and zeros, the scale
 divided by α = <ŵ, w>/<w, w> of the group / of the row: no attenuation of w's own direction). Each KLD row also gives ‖Ŵ‖/‖W‖ averaged over the layers (does
@@ -75,16 +74,6 @@ def fake_quant(w, bits, group, variant, name):
             z = torch.round(hq.zero[..., None])
         c = torch.clamp(torch.round(wg / s + z), 0, 2**bits - 1)
         return ((c - z) * s).reshape(w.shape)
-    if variant.startswith("hqq-salient"):  # minmax start only in groups holding an outlier input column
-        k = float(variant.split("-")[-1]) if variant.count("-") == 2 else 2.0
-        out = []
-        for start in ("rtn", "minmax"):
-            codes, qp = hqq_qparams(w, bits, group, start=start)
-            c = codes.float().reshape(w.shape[0], qp.scale.shape[1], -1)
-            out.append((c - qp.zero[..., None]) * qp.scale[..., None])
-        col = w.norm(dim=0)
-        hot = (col > k * col.median()).reshape(1, out[0].shape[1], -1).any(-1, keepdim=True)  # [1, G, 1]
-        return torch.where(hot, out[1], out[0]).reshape(w.shape)
     if variant in ("hqq-both-l2", "hqq-both-lp"):  # per group, the better of HQQ from each start
         out = []
         for start in ("rtn", "minmax"):

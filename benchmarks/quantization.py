@@ -37,8 +37,6 @@ RECIPES = {
     "w3g64-rtn": [RTN(3, 64)],
     "w3g64-hqq": [HQQ(3, 64)],
     "w2g32-hqq": [HQQ(2, 32)],
-    "w4g128-hqq-auto": [HQQ(4, 128, start="auto")],
-    "w3g64-hqq-auto": [HQQ(3, 64, start="auto")],
     "qat-w3g64": [QAT(bits=3, group_size=64, steps=100, lr=1e-4, n_samples=64, seq_len=256)],
 }
 

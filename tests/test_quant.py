@@ -197,25 +197,3 @@ def test_hqq_minmax_start_never_above_its_start_and_bad_start_refused():
         HQQ(bits=3, group_size=64, start="middle")
     with pytest.raises(ValueError):
         hqq_qparams(w, 3, 32, start="middle")
-
-
-def test_hqq_auto_start_is_minmax_in_groups_with_a_salient_column_and_rtn_elsewhere():
-    """Groups are solved independently, so start="auto" equals start="minmax" in every group that holds an input
-    column more than SALIENT times the median column norm (as AWQ's scaling leaves them) and start="rtn" in the
-    others, code for code."""
-    from lmpress.quant.hqq import SALIENT
-
-    g = torch.Generator().manual_seed(4)
-    w = torch.randn(24, 256, generator=g)
-    w[:, [5, 70, 71]] *= 4 * SALIENT  # salient columns in groups 0 and 2 of 32
-    hot = torch.zeros(8, dtype=torch.bool)
-    hot[[0, 2]] = True
-    c_auto, q_auto = hqq_qparams(w, 3, 32, start="auto")
-    c_mm, q_mm = hqq_qparams(w, 3, 32, start="minmax")
-    c_rtn, q_rtn = hqq_qparams(w, 3, 32, start="rtn")
-    for gi in range(8):
-        cols = slice(32 * gi, 32 * gi + 32)
-        c_ref, q_ref = (c_mm, q_mm) if hot[gi] else (c_rtn, q_rtn)
-        assert torch.equal(c_auto[:, cols], c_ref[:, cols]), gi
-        assert torch.equal(q_auto.zero[:, gi], q_ref.zero[:, gi]), gi
-    assert HQQ(bits=3, group_size=64, start="auto").start == "auto"

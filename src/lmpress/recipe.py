@@ -90,8 +90,8 @@ class HQQ:
         _check_group(self.group_size)
         if not isinstance(self.iters, int) or self.iters < 1:
             raise BadInput(f"iters must be a positive integer, got {self.iters!r}")
-        if self.start not in ("rtn", "minmax", "auto"):
-            raise BadInput(f"start must be rtn, minmax or auto, got {self.start!r}")
+        if self.start not in ("rtn", "minmax"):
+            raise BadInput(f"start must be rtn or minmax, got {self.start!r}")
         if not 0 < self.lp_norm <= 1:
             raise BadInput(f"lp_norm must be in (0, 1], got {self.lp_norm!r}")
         _check_regex(self.targets, "targets")

@@ -222,7 +222,7 @@ def apply(module: torch.nn.Module, stats: dict, config) -> PackedLinear:
                            "fractional): use grid='minmax' after pruning")
         from .hqq import hqq_qparams
 
-        grid = hqq_qparams(W, bits, group_size, start="rtn")[1]  # the start calibrated.md's grid rows used
+        grid = hqq_qparams(W, bits, group_size)[1]
     codes, qp = gptq_quantize(W, H, bits, group_size, symmetric, damp=getattr(config, "damp", 0.01),
                               act_order=getattr(config, "act_order", False),
                               static_groups=getattr(config, "static_groups", False),

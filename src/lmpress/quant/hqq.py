@@ -31,13 +31,6 @@ from .primitives import QParams, compute_qparams
 from .rtn import storage_qparams
 
 
-# start="auto": a group starts from the fractional min-max zero when it holds an input column whose norm (over
-# the output rows) exceeds SALIENT times the layer's median column norm — the columns an AWQ-style scaling left
-# large, whose weights are the group's extremes and must not be clipped; every other group starts from RTN's
-# integer zero. 36% of the g64 groups of Qwen2.5-0.5B (AWQ-processed) hold one, 2% of SmolLM2-135M's.
-SALIENT = 1.5
-
-
 def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     """argmin_y  |y|^p + β/2 (y − x)²  approximately: sign(x) · relu(|x| − |x|^(p−1) / β)."""
     ax = x.abs()
@@ -56,16 +49,10 @@ def hqq_qparams(w: torch.Tensor, bits: int, group_size: int | None, iters: int =
     n_groups = qp.scale.shape[1]
     wg = w.reshape(out_f, n_groups, in_f // n_groups)  # [O, G, g]
     s, z = qp.scale[..., None], qp.zero[..., None]  # [O, G, 1]
-    if start in ("minmax", "auto"):
-        z_mm = (-wg.amin(-1, keepdim=True) / s).half().float()
-        if start == "minmax":
-            z = z_mm
-        else:  # the minmax start only in groups that hold a salient input column (see SALIENT)
-            col = w.float().norm(dim=0)
-            hot = (col > SALIENT * col.median()).reshape(1, n_groups, -1).any(-1, keepdim=True)
-            z = torch.where(hot, z_mm, z)
+    if start == "minmax":
+        z = (-wg.amin(-1, keepdim=True) / s).half().float()
     elif start != "rtn":
-        raise ValueError(f"start must be rtn, minmax or auto, got {start!r}")
+        raise ValueError(f"start must be minmax or rtn, got {start!r}")
     qmax = 2 ** bits - 1
 
     def error(zero):  # the lp objective per group
