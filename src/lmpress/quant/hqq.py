@@ -21,7 +21,7 @@ AWQ-scaled salient weights are the groups' extremes that RTN's integer zero clip
 Qwen 0.729, SmolLM2 1.762 / 1.798. The minmax start only in groups holding an input column whose norm is over
 1.5× the layer's median (36% of Qwen's g64 groups, 2% of SmolLM2's; packed rows, table windows): SmolLM2 w3 g64
 1.219 and w4 g128 0.327 (both below RTN), but Qwen w3 g64 1.099 — worse than either pure start, so it was not
-kept. No calibration-free rule found yet wins on both; "rtn" stays the default.
+kept (commit 7d6d042, reverted). No calibration-free rule found yet wins on both; "rtn" stays the default.
 """
 
 from __future__ import annotations
