@@ -170,3 +170,18 @@ def test_bench_reads_rapl_when_readable(stories, tmp_path, monkeypatch):
     monkeypatch.setattr(B, "RAPL_ROOT", tmp_path)
     r = B.bench(stories, **SMALL)
     assert r["energy_source"] == "rapl" and r["watts_per_core"] is None and r["energy_j_per_token"] == 0
+
+
+def test_peak_rss_is_the_processs_own_not_its_parents():
+    """A child started by a process that holds 1 GB reports its own (smaller) peak, not the parent's: ru_maxrss
+    would carry the parent's over fork and exec on Linux."""
+    import subprocess
+    import sys
+
+    held = bytearray(2**30)
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    code = "from lmpress.calibrate import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < 900, child  # the child imports torch: a few hundred MB
+    del held

@@ -270,7 +270,17 @@ class BlockCheckpoints:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory so far, in MiB: VmHWM from /proc/self/status where there is one (the
+    high-water mark of this process's own memory), else ru_maxrss (KiB on Linux, bytes on macOS). ru_maxrss is not
+    used on Linux because a child keeps its parent's peak across fork and exec: `lmpress compress` started by a
+    benchmark holding a 2 GB model reported ≥ 2 GB whatever it used itself."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 

@@ -139,8 +139,9 @@ def cpu_seconds() -> float:
 
 
 def peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
+    from ..calibrate import peak_rss_mb  # one definition (VmHWM where there is one; see there)
+
+    return int(peak_rss_mb() * 2**20)
 
 
 # ---- model stepping: transformers' forward, or lmpress's runtime ----------------------------------------------
