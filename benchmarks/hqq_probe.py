@@ -13,7 +13,7 @@ iterate with the lowest Σ|e|^0.7); hqq-l1 / hqq-l2 (the same iterates, kept by 
 (the HQQ library's rule: stop when the whole tensor's mean |e| rises); hqq-kv-rtn (hqq, but k_proj and
 v_proj by RTN); rtn-frac (min-max with the fractional zero that maps each group's min to code 0 exactly, HQQ's
 start); hqq-minmax (hqq started from that fractional zero: `start="minmax"`); hqq-both-l2 /
-hqq-both-lp (per group the better of hqq from either start, by Σe² / Σ|e|^0.7); hqq-int (HQQ's zero rounded to an integer, codes recomputed); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0); hqq-ls (hqq's codes, each
+hqq-both-lp (per group the better of hqq from either start, by Σe² / Σ|e|^0.7); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0); hqq-ls (hqq's codes, each
 group's scale and zero refit by least squares); hqq-unbias / hqq-unbias-row (hqq's codes and zeros, the scale
 divided by α = <ŵ, w>/<w, w> of the group / of the row: no attenuation of w's own direction). Each KLD row also gives ‖Ŵ‖/‖W‖ averaged over the layers (does
 the method shrink the weights?).
@@ -63,23 +63,17 @@ def hqq_variant(w, bits, group, rule, iters=20, p=0.7, beta=10.0, kappa=1.01):
 
 
 def fake_quant(w, bits, group, variant, name):
-    if variant in ("rtn-frac", "hqq-int"):  # the fractional zero on trial: min-max with it exact / HQQ's rounded
+    if variant == "rtn-frac":  # min-max with the zero that maps each group's min to code 0 exactly
         qp = storage_qparams(compute_qparams(w, bits, group, symmetric=False))
         wg = w.reshape(w.shape[0], qp.scale.shape[1], -1)
         s = qp.scale[..., None]
-        if variant == "rtn-frac":  # the zero that maps each group's min to code 0 exactly (HQQ's starting point)
-            z = (-wg.amin(-1, keepdim=True) / s).half().float()
-        else:  # HQQ's zero rounded to an integer, codes recomputed
-            _, hq = hqq_qparams(w, bits, group)
-            z = torch.round(hq.zero[..., None])
+        z = (-wg.amin(-1, keepdim=True) / s).half().float()
         c = torch.clamp(torch.round(wg / s + z), 0, 2**bits - 1)
         return ((c - z) * s).reshape(w.shape)
     if variant in ("hqq-both-l2", "hqq-both-lp"):  # per group, the better of HQQ from each start
-        out = []
-        for start in ("rtn", "minmax"):
-            codes, qp = hqq_qparams(w, bits, group, start=start)
-            c = codes.float().reshape(w.shape[0], qp.scale.shape[1], -1)
-            out.append((c - qp.zero[..., None]) * qp.scale[..., None])
+        G = w.shape[1] // group
+        out = [dequantize(*hqq_qparams(w, bits, group, start=start)).reshape(w.shape[0], G, group)
+               for start in ("rtn", "minmax")]
         wg = w.reshape(out[0].shape)
         p = 2.0 if variant.endswith("l2") else 0.7
         e0, e1 = ((o - wg).abs().pow(p).sum(-1, keepdim=True) for o in out)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import os
 import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -107,15 +107,16 @@ def get_num_threads() -> int:
 
 
 @contextlib.contextmanager
-def torch_on_one_thread():
-    """torch's own ops on one thread, the native kernels on the threads they had: for a forward pass of a few
+def torch_on_one_thread(enabled: bool = True):
+    """torch's own ops on one thread, the native kernels on the threads they had (when `enabled`): for a forward
+    pass of a few
     rows (speculative verification, batched decode), whose heavy work is the native kernels'. torch's OpenMP
     workers gain nothing on ops that small, and they spin for a while after each one, taking the second core
     from the kernels' pool: a 5-row pass through Qwen2.5-1.5B at 2 threads took 477 ms with them, 284 ms
     without (the one-row decode step: 196 ms)."""
     global _threads
     saved_torch, saved = torch.get_num_threads(), _threads
-    if saved_torch == 1:
+    if not enabled or saved_torch == 1:
         yield
         return
     _threads = get_num_threads()

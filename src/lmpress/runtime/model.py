@@ -217,10 +217,8 @@ class NativeRunner:
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, start: int = 0, row: int = 0, all_logits: bool = False) -> torch.Tensor:
-        if ids.numel() <= FLOAT_MAX_ROWS and self.device.type == "cpu":
-            with kernels.torch_on_one_thread():  # a few rows: the native kernels carry the work
-                return self._prefill(ids, start, row, all_logits)
-        return self._prefill(ids, start, row, all_logits)
+        with kernels.torch_on_one_thread(self._few_rows(ids.numel())):
+            return self._prefill(ids, start, row, all_logits)
 
     def _prefill(self, ids: torch.Tensor, start: int, row: int, all_logits: bool) -> torch.Tensor:
         B, T = ids.shape
@@ -253,10 +251,13 @@ class NativeRunner:
         if B == 1 and self.fused and kernels.ENABLED and (self._plan or self._plan is None and self._build_plan()):
             p = pos if isinstance(pos, int) else int(torch.as_tensor(pos).reshape(-1)[0])
             return self._decode_fused(int(ids[0]), p, out)
-        if self.device.type != "cpu":
+        with kernels.torch_on_one_thread(self._few_rows(B)):
             return self._decode_ops(ids, pos)
-        with kernels.torch_on_one_thread():  # a few rows: the native kernels carry the work
-            return self._decode_ops(ids, pos)
+
+    def _few_rows(self, rows: int) -> bool:
+        """Whether a pass of `rows` rows is one whose heavy work the native kernels carry (float layers up to
+        FLOAT_MAX_ROWS rows, kernels.linear_float): torch's own ops then run on one thread."""
+        return rows <= FLOAT_MAX_ROWS and self.device.type == "cpu"
 
     def _decode_ops(self, ids: torch.Tensor, pos) -> torch.Tensor:
         """The per-op decode step (any batch; the fused step's reference)."""

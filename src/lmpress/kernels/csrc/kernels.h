@@ -160,7 +160,7 @@ void parallel_for(int64_t n, int64_t chunk, int threads, void (*fn)(void*, int64
 // between cores (on this machine's 2 vCPUs, 8 chunks instead of 2 made a SmolLM2 W4 decode step 15% slower at
 // 2 threads, busy machine or quiet), and a helper that is late simply leaves its chunk to the caller.
 inline int64_t thread_chunk(int64_t n, int threads, int64_t align) {
-    const int64_t c = (n + threads - 1) / (threads > 0 ? threads : 1);
+    const int64_t t = threads > 0 ? threads : 1, c = (n + t - 1) / t;
     return c < align ? align : (c + align - 1) / align * align;
 }
 
