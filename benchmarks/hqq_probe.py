@@ -13,7 +13,10 @@ iterate with the lowest Σ|e|^0.7); hqq-l1 / hqq-l2 (the same iterates, kept by 
 (the HQQ library's rule: stop when the whole tensor's mean |e| rises); hqq-kv-rtn (hqq, but k_proj and
 v_proj by RTN); rtn-frac (min-max with the fractional zero that maps each group's min to code 0 exactly, HQQ's
 start); hqq-minmax (hqq started from that fractional zero: `start="minmax"`); hqq-both-l2 /
-hqq-both-lp (per group the better of hqq from either start, by Σe² / Σ|e|^0.7); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0); hqq-ls (hqq's codes, each
+hqq-both-lp (per group the better of hqq from either start, by Σe² / Σ|e|^0.7); rtn-cover / hqq-cover (an
+integer zero with the scale widened so that the grid covers each group's min and max, without / with HQQ's
+iterations: `start="cover"`); hqq-kurtT (per layer the minmax start where the weights' kurtosis exceeds T,
+e.g. hqq-kurt6); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0); hqq-ls (hqq's codes, each
 group's scale and zero refit by least squares); hqq-unbias / hqq-unbias-row (hqq's codes and zeros, the scale
 divided by α = <ŵ, w>/<w, w> of the group / of the row: no attenuation of w's own direction). Each KLD row also gives ‖Ŵ‖/‖W‖ averaged over the layers (does
 the method shrink the weights?).
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 
 from lmpress import models
 from lmpress.data import load_text, tokenize
-from lmpress.quant.hqq import _shrink, hqq_qparams
+from lmpress.quant.hqq import _shrink, cover_qparams, hqq_qparams
 from lmpress.quant.primitives import compute_qparams, dequantize, quantize
 from lmpress.quant.rtn import storage_qparams
 
@@ -62,6 +65,11 @@ def hqq_variant(w, bits, group, rule, iters=20, p=0.7, beta=10.0, kappa=1.01):
     return ((codes(best_z) - best_z) * s).reshape(O, I)
 
 
+def _deq(codes, qp, shape):
+    c = codes.float().reshape(shape[0], qp.scale.shape[1], -1)
+    return ((c - qp.zero[..., None]) * qp.scale[..., None]).reshape(shape)
+
+
 def fake_quant(w, bits, group, variant, name):
     if variant == "rtn-frac":  # min-max with the zero that maps each group's min to code 0 exactly
         qp = storage_qparams(compute_qparams(w, bits, group, symmetric=False))
@@ -70,6 +78,14 @@ def fake_quant(w, bits, group, variant, name):
         z = (-wg.amin(-1, keepdim=True) / s).half().float()
         c = torch.clamp(torch.round(wg / s + z), 0, 2**bits - 1)
         return ((c - z) * s).reshape(w.shape)
+    if variant.startswith("hqq-kurt"):  # per layer: the minmax start where the weights are heavy-tailed
+        k = float(((w - w.mean()) ** 4).mean() / w.var() ** 2)
+        start = "minmax" if k > float(variant.removeprefix("hqq-kurt")) else "rtn"
+        return _deq(*hqq_qparams(w, bits, group, start=start), w.shape)
+    if variant == "rtn-cover":  # integer zero, the scale widened so that the grid covers min and max
+        wg = w.reshape(w.shape[0], -1, group)
+        s, z = cover_qparams(wg, 2**bits - 1)
+        return ((torch.clamp(torch.round(wg / s) + z, 0, 2**bits - 1) - z) * s).reshape(w.shape)
     if variant in ("hqq-both-l2", "hqq-both-lp"):  # per group, the better of HQQ from each start
         G = w.shape[1] // group
         out = [dequantize(*hqq_qparams(w, bits, group, start=start)).reshape(w.shape[0], G, group)
@@ -81,8 +97,10 @@ def fake_quant(w, bits, group, variant, name):
     if variant == "rtn" or (variant == "hqq-kv-rtn" and ("k_proj" in name or "v_proj" in name)):
         qp = storage_qparams(compute_qparams(w, bits, group, symmetric=False))
         return dequantize(quantize(w, qp), qp)
-    if variant in ("hqq", "hqq-kv-rtn", "hqq-mean", "hqq-ls", "hqq-unbias", "hqq-unbias-row", "hqq-minmax"):
-        codes, qp = hqq_qparams(w, bits, group, start="minmax" if variant == "hqq-minmax" else "rtn")
+    if variant in ("hqq", "hqq-kv-rtn", "hqq-mean", "hqq-ls", "hqq-unbias", "hqq-unbias-row", "hqq-minmax",
+                   "hqq-cover"):
+        start = {"hqq-minmax": "minmax", "hqq-cover": "cover"}.get(variant, "rtn")
+        codes, qp = hqq_qparams(w, bits, group, start=start)
         c = codes.float().reshape(w.shape[0], qp.scale.shape[1], -1)
         s, z = qp.scale[..., None], qp.zero[..., None]
         if variant == "hqq-mean":  # same codes, the zero moved so that each group's mean error is 0

@@ -98,7 +98,7 @@ def measure(base, name, steps, text, a):
         lm, res = compress_in_child(name, a)
         secs, size = res["compress_s"], res["size_bytes"]
         extra = {"compress_peak_rss_mb": res["peak_rss_mb"], "command": res["command"],
-                 "calibration": res.get("calibration", {}).get("spec")}
+                 "calibration": res.get("calibration", {}).get("spec"), "hqq_start": res.get("hqq_start")}
     else:
         lm = copy.deepcopy(base)
         t0 = time.perf_counter()
@@ -108,6 +108,7 @@ def measure(base, name, steps, text, a):
         with tempfile.TemporaryDirectory() as tmp:
             out = lmpress.save(lm, Path(tmp) / "m")
             size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        extra = {"hqq_start": lm.info.get("hqq_start")}
     q = lmpress.kl_divergence(lm, base, text, ctx=a.ctx, windows=a.windows, progress=True, base_cache=BASE_LOGPROBS)
     tasks = lmpress.zero_shot(lm, a.tasks.split(","), limit=a.limit, data_dir=a.data_dir, progress=True)
     b = {"decode_tokens_per_s": float("nan")} if a.no_bench else \

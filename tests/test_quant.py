@@ -1,5 +1,6 @@
 """Weight-only quantization (RTN, HQQ), packed storage, recipes and compress()."""
 
+import copy
 import json
 
 import pytest
@@ -198,3 +199,37 @@ def test_hqq_minmax_start_never_above_its_start_and_bad_start_refused():
         HQQ(bits=3, group_size=64, start="middle")
     with pytest.raises(ValueError):
         hqq_qparams(w, 3, 32, start="middle")
+
+
+def test_hqq_auto_start_keeps_the_start_with_the_lower_check_kld(stories):
+    """start="auto" quantizes with both starts and keeps the model closer (KLD on a check text) to the float one:
+    the result is exactly what the chosen explicit start gives, and both KLDs are recorded."""
+    from lmpress.quant.hqq import check_kld
+
+    auto = copy.deepcopy(stories)
+    compress(auto, [HQQ(bits=3, group_size=32)])
+    rec = auto.info["hqq_start"][-1]
+    assert set(rec["check_kld"]) == {"rtn", "minmax"} and rec["check_kld"]["rtn"] != rec["check_kld"]["minmax"]
+    assert rec["chosen"] == min(rec["check_kld"], key=rec["check_kld"].get)
+    fixed = copy.deepcopy(stories)
+    compress(fixed, [HQQ(bits=3, group_size=32, start=rec["chosen"])])
+    ids = torch.tensor([[1, 5, 77, 300, 12, 9, 41]])
+    with torch.inference_mode():
+        assert torch.equal(auto.model(ids).logits, fixed.model(ids).logits)
+    # the check itself: a candidate identical to the float layers has KLD 0, and the model is left unchanged
+    model = copy.deepcopy(stories.model)
+    layers = linear_layers(model)
+    same = {id(m): copy.deepcopy(m) for m in layers.values()}
+    assert check_kld(model, [ids], {"same": same}) == {"same": 0.0}
+    assert all(linear_layers(model)[n] is m for n, m in layers.items())
+
+
+def test_hqq_auto_start_without_text_is_the_integer_start():
+    """A bare module has no tokenizer and no check text: "auto" is then the integer (rtn) start."""
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    b = copy.deepcopy(a)
+    compress(a, [HQQ(bits=3, group_size=32)])
+    compress(b, [HQQ(bits=3, group_size=32, start="rtn")])
+    x = torch.randn(4, 64)
+    assert torch.equal(a(x), b(x))

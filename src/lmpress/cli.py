@@ -383,12 +383,12 @@ def _compress_command(args, steps) -> tuple[dict, str]:
     from pathlib import Path
 
     from .calibrate import peak_rss_mb
-    from .compress import SEQUENTIAL, WHOLE_MODEL, calibration, compress
+    from .compress import CALIBRATED, SEQUENTIAL, calibration, compress
     from .data import load_text, wikitext_available
     from .eval.kld import kl_divergence
     from .eval.report import human_bytes, key_values
     from .models.io import save
-    from .recipe import QAT, to_dict
+    from .recipe import to_dict
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -407,7 +407,7 @@ def _compress_command(args, steps) -> tuple[dict, str]:
 
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise BadInput(f"--device {args.device}: no CUDA device is available here")
-    calibrated = [s for s in steps if type(s) in WHOLE_MODEL and type(s) is not QAT]
+    calibrated = [s for s in steps if type(s) in CALIBRATED]
     data = calibration(lm, args.calib, args.data_dir, seed=args.seed, progress=not args.quiet) if calibrated else None
     ckpt = Path(args.checkpoint) if args.checkpoint else out.parent / f".{out.name}.resume"
     resumable = any(type(s) in SEQUENTIAL for s in steps)
@@ -420,7 +420,7 @@ def _compress_command(args, steps) -> tuple[dict, str]:
     res = {"model": lm.source, "out": str(out), "recipe": [to_dict(s) for s in steps],
            "compress_s": lm.info.get("compress_s"), "input_size_bytes": lm.disk_bytes, "size_bytes": size,
            "bits_per_weight": size * 8 / max(lm.disk_params, 1), **_quantized_bpw(lm.model),
-           "peak_rss_mb": peak_rss_mb()}
+           "peak_rss_mb": peak_rss_mb(), **({"hqq_start": lm.info["hqq_start"]} if "hqq_start" in lm.info else {})}
     if data is not None:
         res["calibration"] = {"spec": args.calib, "seed": args.seed, "samples": sum(len(b) for b in data),
                               "tokens": sum(b.numel() for b in data), "steps": lm.info.get("calibration", [])}

@@ -38,18 +38,33 @@ def select(model: torch.nn.Module, step) -> dict[str, torch.nn.Module]:
 def replace_layers(model: torch.nn.Module, step, convert, progress: bool = False) -> None:
     """Replace every layer `step` selects by convert(layer, step), in place; a layer reachable under several
     names (shared) is converted once and replaced under all of them."""
+    substitute(model, converted(model, step, convert, progress))
+
+
+def converted(model: torch.nn.Module, step, convert, progress: bool = False) -> dict[int, torch.nn.Module]:
+    """{id(layer): convert(layer, step)} for every layer `step` selects (a shared layer once)."""
     from .eval.report import progress_bar
 
     layers = select(model, step)
     new: dict[int, torch.nn.Module] = {}
     with progress_bar(len(layers), type(step).__name__, progress, unit="layer") as bar:
         for mod in layers.values():
-            new[id(mod)] = convert(mod, step)
+            if id(mod) not in new:
+                new[id(mod)] = convert(mod, step)
             bar.update(1)
+    return new
+
+
+def substitute(model: torch.nn.Module, new: dict[int, torch.nn.Module]) -> dict[int, torch.nn.Module]:
+    """Put new[id(child)] in place of every child of the model found in `new`, in place; returns the inverse
+    mapping (substitute(model, returned) puts the old modules back)."""
+    back: dict[int, torch.nn.Module] = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in new:
+                back[id(new[id(child)])] = child
                 setattr(parent, child_name, new[id(child)])
+    return back
 
 
 def _int8_dynamic(mod: torch.nn.Module, step) -> torch.nn.Module:
@@ -80,6 +95,35 @@ def _hqq(mod, step):
     from .quant.hqq import quantize_hqq
 
     return quantize_hqq(mod, step)
+
+
+def _hqq_model(lm, model, step, data, progress):
+    """HQQ. start "auto": quantize with both starts and keep the model whose next-token distribution is closer
+    (KLD) to the float model's on a short check text (quant/hqq.py: which start wins depends on the model)."""
+    import dataclasses
+
+    from .quant.hqq import AUTO_CHECK, check_kld
+
+    if step.start != "auto":
+        return replace_layers(model, step, _hqq, progress)
+    rows = None
+    if data:
+        rows = [r[None] for b in data for r in b][:AUTO_CHECK[0]]
+    elif hasattr(lm, "tokenizer"):
+        n, length = AUTO_CHECK
+        rows = [r[None] for b in calibration(lm, f"builtin:{n}x{length}") for r in b]
+    if not rows:  # a bare module without text: the integer start, HQQ's classic one
+        return replace_layers(model, dataclasses.replace(step, start="rtn"), _hqq, progress)
+    cands = {start: converted(model, dataclasses.replace(step, start=start), _hqq, progress)
+             for start in ("rtn", "minmax")}
+    kld = check_kld(model, rows, cands)
+    chosen = min(kld, key=kld.get)
+    substitute(model, cands[chosen])
+    if progress:
+        print(f"lmpress: HQQ start {chosen} (check KLD: " + ", ".join(f"{k} {v:.4f}" for k, v in kld.items()) + ")",
+              file=sys.stderr)
+    if hasattr(lm, "info"):
+        lm.info.setdefault("hqq_start", []).append({"chosen": chosen, "check_kld": kld})
 
 
 def _int8_static(lm, model, step, data, progress):
@@ -206,9 +250,9 @@ def _distill(lm, model, step, data, progress):
 
 # The dispatch tables. Per-layer steps: step config -> convert(layer, step). Whole-model steps (they
 # calibrate or train across layers): step config -> fn(lm, model, step, calibration batches or None, progress).
-CONVERT = {R.RTN: _rtn, R.HQQ: _hqq, R.W8A8Dynamic: _int8_dynamic, R.Magnitude: _magnitude,
+CONVERT = {R.RTN: _rtn, R.W8A8Dynamic: _int8_dynamic, R.Magnitude: _magnitude,
            R.SparseStorage: _sparse_storage}
-WHOLE_MODEL = {R.W8A8Static: _int8_static, R.QAT: _qat, R.GPTQ: _gptq, R.Wanda: _wanda, R.SparseGPT: _sparsegpt,
+WHOLE_MODEL = {R.HQQ: _hqq_model, R.W8A8Static: _int8_static, R.QAT: _qat, R.GPTQ: _gptq, R.Wanda: _wanda, R.SparseGPT: _sparsegpt,
                R.AWQ: _awq, R.SmoothQuant: _smoothquant, R.StructuredPrune: _structured,
                R.MagnitudeScope: _magnitude_scope, R.Distill: _distill}
 
@@ -346,6 +390,7 @@ def round_float_leftovers(model: torch.nn.Module) -> None:
 
 
 SEQUENTIAL = {R.GPTQ, R.Wanda, R.SparseGPT, R.AWQ, R.SmoothQuant}  # the steps the engine can resume
+CALIBRATED = SEQUENTIAL | {R.W8A8Static}  # the steps that read calibration batches (compress's `data`)
 
 
 def _touches_blocks(lm, model, step) -> bool:
@@ -375,7 +420,7 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
     steps = R.load_recipe(recipe)
     model = getattr(lm, "model", lm)
     t0 = time.perf_counter()
-    needs_data = any(type(s) in WHOLE_MODEL and type(s) is not R.QAT for s in steps)
+    needs_data = any(type(s) in CALIBRATED for s in steps)
     if data is None and needs_data and hasattr(lm, "tokenizer"):
         data = default_calibration(lm)
     if checkpoint is not None:

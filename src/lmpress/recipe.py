@@ -81,7 +81,7 @@ class HQQ:
     lp_norm: float = 0.7
     beta: float = 10.0
     kappa: float = 1.01
-    start: str = "rtn"
+    start: str = "auto"
     targets: str | None = None
     ignore: str | None = DEFAULT_IGNORE
 
@@ -90,8 +90,8 @@ class HQQ:
         _check_group(self.group_size)
         if not isinstance(self.iters, int) or self.iters < 1:
             raise BadInput(f"iters must be a positive integer, got {self.iters!r}")
-        if self.start not in ("rtn", "minmax"):
-            raise BadInput(f"start must be rtn or minmax, got {self.start!r}")
+        if self.start not in ("auto", "rtn", "minmax"):
+            raise BadInput(f"start must be auto, rtn or minmax, got {self.start!r}")
         if not 0 < self.lp_norm <= 1:
             raise BadInput(f"lp_norm must be in (0, 1], got {self.lp_norm!r}")
         _check_regex(self.targets, "targets")
