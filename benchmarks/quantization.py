@@ -4,7 +4,10 @@ protocol), KLD and top-1 agreement to the base, a zero-shot average on a stated 
 usage: python benchmarks/quantization.py MODEL --name NAME [--windows 40] [--ctx 512] [--limit 50]
            [--tasks arc_easy,piqa,...] [--threads 2] [--recipes base,w8,...] [--out FILE.jsonl] [--no-bench]
            [--subprocess [--calib builtin:128x512] [--stream]]
-Recipes: the names below (RECIPES) or any lmpress preset (gptq-w4g128, awq-w4g128, sparsegpt-2:4, ...).
+Recipes: the names below (RECIPES) or any lmpress preset (gptq-w4g128, awq-w4g128, sparsegpt-2:4, ...), or
+gguf:PATH — a GGUF file quantized by another tool from the same weights (llama.cpp's Q4_K_M, Q4_0 made with
+../shared/scripts/llamacpp-quantize.py from the F32 GGUF), measured as it is on the same windows and base;
+its row also gives `quantized_bits_per_weight` over the file's block weight matrices.
 --subprocess compresses with `lmpress compress ... --json` in a child process, so that the row's compression
 time and peak RAM (`compress_peak_rss_mb`: the child's, model load included) are the command's own.
 Each recipe's row is appended to the JSONL file as soon as it is measured (a rerun skips recipes already
@@ -48,7 +51,7 @@ def speed(base, names, a) -> list[dict]:
 
     models = {}
     for name in names:
-        lm = copy.deepcopy(base)
+        lm = lmpress.load(name.removeprefix("gguf:")) if name.startswith("gguf:") else copy.deepcopy(base)
         if steps_for(name):
             lmpress.compress(lm, steps_for(name))
         models[name] = lm
@@ -72,7 +75,18 @@ BASE_LOGPROBS: list = []  # the base's log-probabilities on the evaluation windo
 def steps_for(name):
     from lmpress.recipe import load_recipe
 
+    if name.startswith("gguf:"):
+        return None  # a model quantized elsewhere: measured as it is (no steps)
     return RECIPES[name] if name in RECIPES else load_recipe(name)
+
+
+def gguf_layer_bits(path) -> float:
+    """Bits per weight of a GGUF file's block weight matrices (blk.*, 2-D: the linear layers), block scales
+    included: what `quantized_bits_per_weight` is for an lmpress model."""
+    from gguf import GGUFReader
+
+    ts = [t for t in GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return sum(int(t.n_bytes) for t in ts) * 8 / sum(int(t.n_elements) for t in ts)
 
 
 def compress_in_child(name, a) -> tuple[lmpress.LoadedModel, dict]:
@@ -94,7 +108,11 @@ def compress_in_child(name, a) -> tuple[lmpress.LoadedModel, dict]:
 
 def measure(base, name, steps, text, a):
     extra = {}
-    if a.subprocess and steps:
+    if name.startswith("gguf:"):  # e.g. llama.cpp's own Q4_K_M of the same weights (llama-quantize)
+        path = Path(name.removeprefix("gguf:"))
+        lm, secs, size = lmpress.load(path), float("nan"), path.stat().st_size
+        extra = {"quantized_bits_per_weight": gguf_layer_bits(path), "gguf_types": lm.info.get("gguf_types")}
+    elif a.subprocess and steps:
         lm, res = compress_in_child(name, a)
         secs, size = res["compress_s"], res["size_bytes"]
         extra = {"compress_peak_rss_mb": res["peak_rss_mb"], "command": res["command"],
@@ -113,7 +131,7 @@ def measure(base, name, steps, text, a):
     tasks = lmpress.zero_shot(lm, a.tasks.split(","), limit=a.limit, data_dir=a.data_dir, progress=True)
     b = {"decode_tokens_per_s": float("nan")} if a.no_bench else \
         lmpress.bench(lm, threads=a.threads, prompt_tokens=64, gen_tokens=32, repeats=3)
-    return {"recipe": name, "steps": [to_dict(s) for s in steps], "compress_s": secs, "size_bytes": size,
+    return {"recipe": name, "steps": [to_dict(s) for s in steps or []], "compress_s": secs, "size_bytes": size,
             "bits_per_weight": size * 8 / base.disk_params, "perplexity": q["perplexity"],
             "base_perplexity": q["base_perplexity"], "kld": q["kld"], "kld_stderr": q["kld_stderr"],
             "top1_agreement": q["top1_agreement"], "tokens": q["tokens"],

@@ -48,6 +48,10 @@ def test_eval_perplexity_and_kld(capsys, stories_dir, story_file):
     assert res["kld"] == pytest.approx(0, abs=1e-6) and res["top1_agreement"] == 1.0
     code, out, _ = run(capsys, "eval", stories_dir / "hf", "--data", story_file, "--ctx", 64, "--quiet")
     assert code == 0 and "perplexity" in out.splitlines()[0]
+    args = ("eval", stories_dir / "hf", "--data", story_file, "--ctx", 64, "--windows", 4)
+    with_bos, raw = run_json(capsys, *args), run_json(capsys, *args, "--bos", "never")
+    assert raw["tokens"] == with_bos["tokens"] == 4 * 31  # windows of 64 raw text tokens: as many scored,
+    assert raw["perplexity"] != pytest.approx(with_bos["perplexity"])  # with other contexts
 
 
 def test_eval_zero_shot(capsys, stories_dir, data_dir):

@@ -15,12 +15,13 @@ from lmpress.eval.perplexity import perplexity
 from conftest import tiny_model
 
 
-def reference_llamacpp_ppl(lm, text, ctx):
+def reference_llamacpp_ppl(lm, text, ctx, bos="model"):
     """One window at a time, full logits, no batching: BOS + ctx-1 tokens, last ctx/2-1 predictions scored."""
     ids = tokenize(lm.tokenizer, text).tolist()
+    bos = lm.bos_id if bos == "model" else bos
     nll, n = 0.0, 0
     for i in range(len(ids) // ctx):
-        window = [lm.bos_id] + ids[i * ctx:(i + 1) * ctx - 1]
+        window = [bos] + ids[i * ctx:(i + 1) * ctx - 1] if bos is not None else ids[i * ctx:(i + 1) * ctx]
         with torch.no_grad():
             logp = F.log_softmax(lm.model(torch.tensor([window])).logits[0].double(), -1)
         for p in range(ctx // 2, ctx - 1):
@@ -57,6 +58,24 @@ def test_llamacpp_protocol_matches_reference(tiny, stories_text, ctx):
     got = perplexity(tiny, stories_text, ctx=ctx, batch_tokens=3 * ctx)  # batches of 3 with a ragged tail
     assert got["tokens"] == n
     assert got["perplexity"] == pytest.approx(ref, rel=1e-4)
+
+
+def test_window_bos_choices(stories, stories_text):
+    """--bos always (the issue's protocol), never (raw text windows), auto (BOS only when the tokenizer adds one
+    to a text, as llama.cpp's llama-perplexity): each matches the reference loop with that first token."""
+    from lmpress.eval.perplexity import window_bos
+    from lmpress.eval.tasks import prefix_bos_id
+
+    always = perplexity(stories, stories_text, ctx=32)
+    never = perplexity(stories, stories_text, ctx=32, bos="never")
+    ref, n = reference_llamacpp_ppl(stories, stories_text, 32, bos=None)
+    assert never["tokens"] == n and never["perplexity"] == pytest.approx(ref, rel=1e-4)
+    assert never["perplexity"] != pytest.approx(always["perplexity"], rel=1e-3)
+    assert window_bos(stories, "auto") == prefix_bos_id(stories)
+    auto = perplexity(stories, stories_text, ctx=32, bos="auto")
+    assert auto["perplexity"] == (always if prefix_bos_id(stories) is not None else never)["perplexity"]
+    with pytest.raises(BadInput, match="bos"):
+        perplexity(stories, stories_text, ctx=32, bos="sometimes")
 
 
 @pytest.mark.parametrize("ctx,stride", [(64, 32), (48, 48), (40, 7)])

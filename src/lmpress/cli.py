@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["llamacpp", "stride"], default="llamacpp",
                    help="llamacpp: non-overlapping windows, second half scored; stride: sliding windows")
     p.add_argument("--stride", type=_positive, help="stride for --protocol stride (default ctx/2)")
+    p.add_argument("--bos", choices=["always", "auto", "never"], default="always",
+                   help="what opens each llamacpp-protocol window: always BOS (default), auto (BOS only when the "
+                        "tokenizer adds one, as llama.cpp's llama-perplexity), never")
     p.add_argument("--windows", type=_positive, help="evaluate only the first N windows")
     p.add_argument("--tasks", help="zero-shot tasks, comma-separated, or 'all'")
     p.add_argument("--limit", type=_positive, help="items per zero-shot task")
@@ -232,7 +235,8 @@ def cmd_eval(args) -> tuple[dict, str]:
     base = _load(args.base, args) if args.base else None
     res = evaluate(lm, base=base, data=args.data, data_dir=args.data_dir, ctx=args.ctx, protocol=args.protocol,
                    stride=args.stride, windows=args.windows, tasks=tasks, limit=args.limit,
-                   perplexity=not args.no_ppl, batch_tokens=args.batch_tokens, progress=not args.quiet)
+                   perplexity=not args.no_ppl, batch_tokens=args.batch_tokens, progress=not args.quiet,
+                   bos=args.bos)
     parts = []
     if "perplexity" in res:
         head = ["model", "data", "protocol", "ctx", "windows", "tokens", "perplexity", "±"]

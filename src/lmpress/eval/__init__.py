@@ -8,7 +8,7 @@ from .report import progress_bar  # noqa: F401  (re-exported for the evaluators)
 def evaluate(lm, *, base=None, data: str = "auto", data_dir=None, ctx: int = 512, protocol: str = "llamacpp",
              stride: int | None = None, windows: int | None = None, tasks: list[str] | None = None,
              limit: int | None = None, perplexity: bool = True, batch_tokens: int = 2048,
-             progress: bool = False) -> dict:
+             progress: bool = False, bos: str = "always") -> dict:
     """Everything `lmpress eval` reports, as one flat-ish dict.
 
     data "auto" is WikiText-2 when a local copy is found (--data-dir or $LMPRESS_DATA), else the built-in corpus.
@@ -26,7 +26,7 @@ def evaluate(lm, *, base=None, data: str = "auto", data_dir=None, ctx: int = 512
         text = load_text(data, data_dir)
         out["data"] = data
         kw = dict(ctx=ctx, protocol=protocol, stride=stride, windows=windows, batch_tokens=batch_tokens,
-                  progress=progress)
+                  progress=progress, bos=bos)
         if base is not None:
             out["base"] = base.source
             out.update(kl_divergence(lm, base, text, **kw))

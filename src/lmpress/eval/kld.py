@@ -27,7 +27,7 @@ def _keeping(it, into: list):
 
 def kl_divergence(lm, base, text: str, ctx: int = 512, protocol: str = "llamacpp", stride: int | None = None,
                   windows: int | None = None, batch_tokens: int = 2048, progress: bool = False,
-                  base_cache: list | None = None) -> dict:
+                  base_cache: list | None = None, bos: str = "always") -> dict:
     """Keys: kld, kld_stderr, kld_median, kld_p99, kld_max, top1_agreement, perplexity (of lm),
     base_perplexity, tokens, windows, ctx, protocol, seconds.
 
@@ -37,7 +37,7 @@ def kl_divergence(lm, base, text: str, ctx: int = 512, protocol: str = "llamacpp
     The caller keeps it tied to the same base, text and windows."""
     check_same_tokenizer(base, lm)
     ids = tokenize(lm.tokenizer, text)
-    wins = make_windows(lm, ids, ctx, protocol, stride, windows)
+    wins = make_windows(lm, ids, ctx, protocol, stride, windows, bos)
     total = sum(len(w.ids) for w in wins)
     klds, agree, nll, base_nll = [], [], [], []
     t0 = time.perf_counter()

@@ -26,12 +26,29 @@ from .scoring import window_logprobs
 PROTOCOLS = ("llamacpp", "stride")
 
 
+BOS_CHOICES = ("always", "auto", "never")
+
+
+def window_bos(lm, bos: str = "always") -> int | None:
+    """The token that opens each llama.cpp-protocol window: "always" the model's BOS (the issue's protocol, and
+    shared/scripts/llamacpp-anchor.py); "auto" BOS only when the tokenizer adds one to a text of its own, as
+    llama.cpp's llama-perplexity does (GGUF `tokenizer.ggml.add_bos_token`; false for SmolLM2 and Qwen2.5);
+    "never" none. A model without a BOS id gets none."""
+    from .tasks import prefix_bos_id
+
+    if bos not in BOS_CHOICES:
+        raise BadInput(f"bos must be one of {', '.join(BOS_CHOICES)}, got {bos!r}")
+    if bos == "always":
+        return lm.bos_id
+    return prefix_bos_id(lm) if bos == "auto" else None
+
+
 def make_windows(lm, ids: torch.Tensor, ctx: int, protocol: str = "llamacpp", stride: int | None = None,
-                 limit: int | None = None):
+                 limit: int | None = None, bos: str = "always"):
     if lm.max_positions is not None and ctx > lm.max_positions:
         raise BadInput(f"--ctx {ctx} exceeds {lm.name}'s limit of {lm.max_positions} positions")
     if protocol == "llamacpp":
-        return llamacpp_windows(ids, ctx, lm.bos_id, limit)
+        return llamacpp_windows(ids, ctx, window_bos(lm, bos), limit)
     if protocol == "stride":
         return stride_windows(ids, ctx, stride or ctx // 2, limit)
     raise BadInput(f"unknown perplexity protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
@@ -47,11 +64,13 @@ def nll_stats(nll: torch.Tensor) -> dict:
 
 
 def perplexity(lm, text: str, ctx: int = 512, protocol: str = "llamacpp", stride: int | None = None,
-               windows: int | None = None, batch_tokens: int = 2048, progress: bool = False) -> dict:
+               windows: int | None = None, batch_tokens: int = 2048, progress: bool = False,
+               bos: str = "always") -> dict:
     """Perplexity of `lm` on `text`. Keys: perplexity, perplexity_stderr, nll, tokens (scored), windows,
-    text_tokens, ctx, protocol, seconds, eval_tokens_per_s (tokens through the model per second)."""
+    text_tokens, ctx, protocol, seconds, eval_tokens_per_s (tokens through the model per second). bos: what
+    opens each llama.cpp-protocol window (window_bos)."""
     ids = tokenize(lm.tokenizer, text)
-    wins = make_windows(lm, ids, ctx, protocol, stride, windows)
+    wins = make_windows(lm, ids, ctx, protocol, stride, windows, bos)
     total = sum(len(w.ids) for w in wins)
     nll = []
     t0 = time.perf_counter()

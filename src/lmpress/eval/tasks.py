@@ -116,7 +116,7 @@ def load_task(name: str, data_dir=None, limit: int | None = None) -> list[Item]:
     return items
 
 
-def _prefix_id(lm) -> int | None:
+def prefix_bos_id(lm) -> int | None:
     """The token lm-eval puts before the context: BOS when the tokenizer adds one on its own, else None."""
     tok, bos = lm.tokenizer, lm.bos_id
     if bos is None:
@@ -129,7 +129,7 @@ def encode_requests(lm, pairs: list[tuple[str, str]]) -> list[tuple[list[int], l
     """(context ids, continuation ids) per (context, continuation), as lm-eval's `_encode_pair`: trailing
     whitespace of the context moves onto the continuation, the continuation's ids are those of
     tok(context + continuation) past tok(context)'s, and the context is cut from the left to fit the model."""
-    tok, prefix = lm.tokenizer, _prefix_id(lm)
+    tok, prefix = lm.tokenizer, prefix_bos_id(lm)
     moved = []
     for ctx, cont in pairs:
         n_space = len(ctx) - len(ctx.rstrip())
