@@ -16,10 +16,10 @@ start); hqq-minmax (hqq started from that fractional zero: `start="minmax"`); hq
 hqq-both-lp (per group the better of hqq from either start, by Σe² / Σ|e|^0.7); rtn-cover / hqq-cover (an
 integer zero with the scale widened so that the grid covers each group's min and max, without / with HQQ's
 iterations: `start="cover"`); hqq-kurtT (per layer the minmax start where the weights' kurtosis exceeds T,
-e.g. hqq-kurt6); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0); hqq-ls (hqq's codes, each
-group's scale and zero refit by least squares); hqq-unbias / hqq-unbias-row (hqq's codes and zeros, the scale
-divided by α = <ŵ, w>/<w, w> of the group / of the row: no attenuation of w's own direction). Each KLD row also gives ‖Ŵ‖/‖W‖ averaged over the layers (does
-the method shrink the weights?).
+e.g. hqq-kurt6); hqq-mean (hqq's codes, each group's zero then moved so that its mean error is 0); hqq-ls
+(hqq's codes, each group's scale and zero refit by least squares); hqq-unbias / hqq-unbias-row (hqq's codes
+and zeros, the scale divided by α = <ŵ, w>/<w, w> of the group / of the row: no attenuation of w's own
+direction). Each KLD row also gives ‖Ŵ‖/‖W‖ averaged over the layers (does the method shrink the weights?).
 --layers: per layer type, HQQ's error over RTN's — on the weight, on the layer's output with real inputs
 (XᵀX of 4 later windows), on each group's mean (a bias), at each group's largest weight, and on the 1% input
 columns of largest norm — instead of the KLD.

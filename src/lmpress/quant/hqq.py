@@ -7,8 +7,8 @@ that outliers cause):
     z    = mean_group(C − (W − W_e) / s)         the zero that best explains W − W_e
 with codes C = clamp(round(W/s + z), 0, 2^b − 1) and β growing by κ each iteration (the paper's defaults:
 p = 0.7, β = 10, κ = 1.01, 20 iterations). Each group keeps the zero with the lowest value of that objective,
-Σ|W − Q⁻¹(Q(W))|^p, among the iterates and the start, so HQQ's objective is never above its start's (with the "rtn" start:
-min-max RTN's).
+Σ|W − Q⁻¹(Q(W))|^p, among the iterates and the start, so HQQ's objective is never above its start's (from
+the "rtn" start: never above min-max RTN's).
 Selecting by the objective rather than by the squared error matters: on SmolLM2-135M at 3 bits g64
 (WikiText-2, 40 windows of 512, KLD to the base) squared-error selection gave 1.319 — worse than RTN's
 1.299 —, the lp objective 1.236 (l1: 1.274).
