@@ -65,6 +65,9 @@ def hqq_variant(w, bits, group, rule, iters=20, p=0.7, beta=10.0, kappa=1.01):
     return ((codes(best_z) - best_z) * s).reshape(O, I)
 
 
+KURT_MINMAX: list = []  # hqq-kurtT: per layer, whether it took the minmax start
+
+
 def _deq(codes, qp, shape):
     c = codes.float().reshape(shape[0], qp.scale.shape[1], -1)
     return ((c - qp.zero[..., None]) * qp.scale[..., None]).reshape(shape)
@@ -81,6 +84,7 @@ def fake_quant(w, bits, group, variant, name):
     if variant.startswith("hqq-kurt"):  # per layer: the minmax start where the weights are heavy-tailed
         k = float(((w - w.mean()) ** 4).mean() / w.var() ** 2)
         start = "minmax" if k > float(variant.removeprefix("hqq-kurt")) else "rtn"
+        KURT_MINMAX.append(start == "minmax")
         return _deq(*hqq_qparams(w, bits, group, start=start), w.shape)
     if variant == "rtn-cover":  # integer zero, the scale widened so that the grid covers min and max
         wg = w.reshape(w.shape[0], -1, group)
@@ -203,6 +207,9 @@ def main(argv=None):
             b, lp = base[j].float(), logp(i)
             tot += float((b.exp() * (b - lp)).sum(-1).sum())
         print(f"| {v} | {tot / (a.windows * 256):.4f} | {gain:.5f} |", flush=True)
+        if KURT_MINMAX:
+            print(f"  ({v}: {sum(KURT_MINMAX)} of {len(KURT_MINMAX)} layers took the minmax start)", flush=True)
+            KURT_MINMAX.clear()
 
 
 if __name__ == "__main__":
