@@ -4,8 +4,8 @@ Hessian of the layer's reconstruction loss ‖XWᵀ − XŴᵀ‖², so that the
 
 Three pure functions for the sequential engine (calibrate.py):
 
-    init_stats(module)          {"H": Σ XᵀX [I, I] float64, "n": rows seen, "H0"/"n0": the same over each
-                                sequence's first position only (hessian's sink_weight)}
+    init_stats(module)          {"H": Σ XᵀX [I, I] float64, "n": rows seen, "X0"/"n0": the rows of each
+                                sequence's first position, and their count (hessian's sink_weight)}
     update_stats(stats, x)      x: [..., I], the layer's inputs; adds xᵀx and the row count
     apply(module, stats, cfg)   a PackedLinear with the codes GPTQ chose
 
@@ -48,21 +48,21 @@ from .rtn import storage_qparams
 def init_stats(module: torch.nn.Module) -> dict:
     w = linear_weight(module)
     I = w.shape[1]
-    return {"H": torch.zeros(I, I, dtype=torch.float64, device=w.device), "n": 0,
-            "H0": torch.zeros(I, I, dtype=torch.float64, device=w.device), "n0": 0}
+    return {"H": torch.zeros(I, I, dtype=torch.float64, device=w.device), "n": 0, "X0": [], "n0": 0}
 
 
 def update_stats(stats: dict, x: Tensor) -> dict:
-    """x: [..., I] inputs of the layer; H accumulates Σ xᵀx over all rows (float32 product, float64 sum). For
-    a batch of sequences [B, T, I], H0 also accumulates the first position's part (the attention sink: see
-    hessian)."""
+    """x: [..., I] inputs of the layer; H accumulates Σ xᵀx over all rows (float32 product, float64 sum, added
+    in place: no float64 copy of the product). For a batch of sequences [B, T, I], the first position's rows
+    are kept as they are (the attention sink, see hessian: B rows per batch, where a second [I, I] matrix
+    would cost 190 MB for Qwen2.5-0.5B's down_proj)."""
     x = x.detach()
-    if x.dim() >= 3 and "H0" in stats:
+    if x.dim() >= 3 and "X0" in stats:
         x0 = x[:, 0].reshape(-1, x.shape[-1]).float()  # [B, I]: each sequence's first position
-        stats["H0"] += (x0.t() @ x0).double()
+        stats["X0"].append(x0.clone())
         stats["n0"] += x0.shape[0]
     x = x.reshape(-1, x.shape[-1]).float()  # [N, I]
-    stats["H"] += (x.t() @ x).double()
+    stats["H"] += x.t() @ x
     stats["n"] += x.shape[0]
     return stats
 
@@ -77,10 +77,12 @@ def hessian(stats: dict, sink_weight: float = 1.0) -> Tensor:
     HQQ 0.327)."""
     if stats["n"] == 0:
         raise BadInput("GPTQ saw no calibration inputs for this layer")
-    H, n = stats["H"], stats["n"]
+    H, n = stats["H"].clone(), stats["n"]
     if sink_weight != 1 and stats.get("n0"):
-        H, n = H + (sink_weight - 1) * stats["H0"], n + (sink_weight - 1) * stats["n0"]
-    H = H * (2.0 / n)
+        x0 = torch.cat(stats["X0"]).double()  # [n0, I]
+        H.addmm_(x0.t(), x0, alpha=sink_weight - 1)
+        n = n + (sink_weight - 1) * stats["n0"]
+    H.mul_(2.0 / n)
     if not torch.isfinite(H).all():
         raise BadInput("GPTQ: the layer's calibration inputs contain inf or NaN")
     return H
