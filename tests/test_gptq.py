@@ -360,7 +360,8 @@ def test_hqq_grid_with_act_order():
 
     x = correlated_inputs(2048, 128, seed=3, col_scale=torch.linspace(0.2, 3, 128))
     lin, stats = layer_and_stats(x, 64, 3)
-    h = out_error(quantize_hqq(lin, NS(bits=3, group_size=32, iters=20, lp_norm=0.7, beta=10.0, kappa=1.01, start="rtn")), lin, x)
+    hqq = NS(bits=3, group_size=32, iters=20, lp_norm=0.7, beta=10.0, kappa=1.01, start="rtn")
+    h = out_error(quantize_hqq(lin, hqq), lin, x)
     plain = out_error(gptq.apply(lin, stats, NS(bits=3, group_size=32, grid="hqq")), lin, x)
     ordered = gptq.apply(lin, stats, NS(bits=3, group_size=32, grid="hqq", act_order=True, static_groups=True))
     assert out_error(ordered, lin, x) < 0.7 * plain < 0.7 * h

@@ -249,7 +249,8 @@ def _distill(lm, model, step, data, progress):
 
 
 # The dispatch tables. Per-layer steps: step config -> convert(layer, step). Whole-model steps (they
-# calibrate, train or choose across layers): step config -> fn(lm, model, step, calibration batches or None, progress).
+# calibrate, train or choose across layers): step config -> fn(lm, model, step, calibration batches or None,
+# progress).
 CONVERT = {R.RTN: _rtn, R.W8A8Dynamic: _int8_dynamic, R.Magnitude: _magnitude,
            R.SparseStorage: _sparse_storage}
 WHOLE_MODEL = {R.HQQ: _hqq_model, R.W8A8Static: _int8_static, R.QAT: _qat, R.GPTQ: _gptq, R.Wanda: _wanda,

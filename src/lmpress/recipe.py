@@ -71,9 +71,10 @@ class RTN:
 @dataclass(frozen=True)
 class HQQ:
     """Half-Quadratic Quantization (Badri & Shaji, 2023): min-max scales, zero-points refined by a proximal
-    solver that minimises an lp-norm (p < 1) of the weight error. Calibration-free. start: the zero-points'
-    starting point, "rtn" (RTN's integer zero) or "minmax" (the fractional zero that keeps each group's min and
-    max on the grid; far better on Qwen2.5-0.5B at 3 bits, far worse on SmolLM2: quant/hqq.py)."""
+    solver that minimises an lp-norm (p < 1) of the weight error; the weights are fitted without data. start:
+    the zero-points' starting point, "rtn" (RTN's integer zero), "minmax" (the fractional zero that keeps each
+    group's min and max on the grid; far better on Qwen2.5-0.5B at 3 bits, far worse on SmolLM2) or "auto"
+    (the default: both, and the model closer to the float one on a short check text wins; quant/hqq.py)."""
 
     bits: int = 4
     group_size: int | None = 64
