@@ -1,5 +1,6 @@
 """GPTQ (quant/gptq.py) and the sequential engine (calibrate.py)."""
 
+import copy
 from types import SimpleNamespace as NS
 
 import pytest
@@ -112,7 +113,7 @@ def test_act_order_static_groups_decodes_and_helps_on_uneven_hessian(bits, group
     col_scale = torch.logspace(-2, 1, i)[torch.randperm(i, generator=torch.Generator().manual_seed(4))]
     x = correlated_inputs(2048, i, seed=5, col_scale=col_scale)
     lin, stats = layer_and_stats(x, 64, seed=6)
-    act = gptq.apply(lin, stats, NS(bits=bits, group_size=group, act_order=True, static_groups=True))
+    act = gptq.apply(lin, copy.deepcopy(stats), NS(bits=bits, group_size=group, act_order=True, static_groups=True))
     plain = gptq.apply(lin, stats, NS(bits=bits, group_size=group))
     # decodes through PackedLinear: its weight is (code − zero)·scale of contiguous groups, padding cut off
     qp = act.qparams()
@@ -362,6 +363,6 @@ def test_hqq_grid_with_act_order():
     lin, stats = layer_and_stats(x, 64, 3)
     hqq = NS(bits=3, group_size=32, iters=20, lp_norm=0.7, beta=10.0, kappa=1.01, start="rtn")
     h = out_error(quantize_hqq(lin, hqq), lin, x)
-    plain = out_error(gptq.apply(lin, stats, NS(bits=3, group_size=32, grid="hqq")), lin, x)
+    plain = out_error(gptq.apply(lin, copy.deepcopy(stats), NS(bits=3, group_size=32, grid="hqq")), lin, x)
     ordered = gptq.apply(lin, stats, NS(bits=3, group_size=32, grid="hqq", act_order=True, static_groups=True))
     assert out_error(ordered, lin, x) < 0.7 * plain < 0.7 * h

@@ -1,5 +1,6 @@
 """Pruning: masks (prune/masks.py), magnitude, Wanda and SparseGPT, alone and in the sequential engine."""
 
+import copy
 from types import SimpleNamespace as NS
 
 import pytest
@@ -286,7 +287,7 @@ def test_sparsegpt_joint_quant_pruned_weights_decode_to_exact_zero(pattern, grou
             lin.weight.abs_().add_(0.05)
     w = lin.weight.detach().clone()
     cfg = NS(sparsity=0.5, pattern=pattern, bits=4, group_size=group, symmetric=symmetric)
-    q = sparsegpt.apply(lin, hs, cfg)
+    q = sparsegpt.apply(lin, copy.deepcopy(hs), cfg)
     assert isinstance(q, PackedLinear) and q.bits == 4 and q.group_size == group and q.symmetric == symmetric
     r = sparsegpt.sparsegpt_prune(w, gptq.hessian(hs), 0.5, pattern, 4, group, symmetric)
     deq = q.dequantize()
@@ -430,7 +431,7 @@ def test_engine_wanda_on_gpt2_conv1d(tokenizer):
 def test_bad_input():
     x = correlated_inputs(256, 64, seed=0)
     lin, ws, hs = layer(x, 8)
-    for algo_apply in (lambda c: wanda.apply(lin, ws, c), lambda c: sparsegpt.apply(lin, hs, c),
+    for algo_apply in (lambda c: wanda.apply(lin, ws, c), lambda c: sparsegpt.apply(lin, copy.deepcopy(hs), c),
                        lambda c: magnitude.prune_magnitude(lin, c)):
         for s in (1.0, -0.1):
             with pytest.raises(BadInput, match="sparsity"):
@@ -452,7 +453,7 @@ def test_bad_input():
     with pytest.raises(BadInput, match="SparseGPT.*does not factor"):
         sparsegpt.sparsegpt_prune(lin.weight, -torch.eye(64))
     with pytest.raises(BadInput, match="bits"):
-        sparsegpt.apply(lin, hs, NS(sparsity=0.5, bits=9))
+        sparsegpt.apply(lin, copy.deepcopy(hs), NS(sparsity=0.5, bits=9))
     with pytest.raises(BadInput, match="fixed mask"):
         sparsegpt.sparsegpt_prune(lin.weight, gptq.hessian(hs), mask=torch.ones(8, 63, dtype=torch.bool))
     with torch.no_grad():

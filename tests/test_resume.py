@@ -11,7 +11,10 @@ from lmpress import calibrate
 from lmpress.cli import main
 from lmpress.compress import calibration, compress, parse_calib
 from lmpress.errors import BadInput
+from lmpress.models.io import save
 from lmpress.recipe import GPTQ, RTN, SparseGPT
+
+from conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -159,11 +162,37 @@ def test_streamed_compression_equals_in_memory(stories_dir, tmp_path, source):
     lm = load_streaming(path)
     blocks = lm.arch.block_list(lm.model)
     assert all(p.device.type == "meta" for p in blocks.parameters())
-    assert all(p.device.type == "cpu" for n, p in lm.model.named_parameters() if ".layers." not in n)
+    outside = {n: p.device.type for n, p in lm.model.named_parameters() if ".layers." not in n}
+    # the embedding and the head are read when needed (capture; close), the small rest at once
+    assert outside == {n: "meta" if "embed_tokens" in n or n.startswith("lm_head") else "cpu" for n in outside}
     compress(lm, recipe, data=data, spill=tmp_path / "spill", device="cpu")  # (the device path, on the CPU)
     assert lm.stream is None and len(list((tmp_path / "spill").glob("hidden-*.bin"))) == len(data)
     ref = compress(lmpress.load(path), recipe, data=data)
     assert_same_state(state(lm), state(ref))
+
+
+def test_streamed_tied_embedding(tokenizer, tmp_path):
+    """A head tied to the embedding (Qwen2, SmolLM2): released after the capture with the embedding, tied again
+    when the model closes, and the result equals the in-memory one."""
+    from lmpress.models.stream import load_streaming
+
+    src = tiny_model("qwen2", tokenizer, seed=3)
+    src.model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    data = calibration(src, "builtin:4x32")
+    lm = load_streaming(tmp_path / "m")
+    assert lm.model.lm_head.weight.device.type == "meta"
+    compress(lm, [GPTQ(bits=4, group_size=32)], data=data, defer_outside=True)
+    assert lm.model.lm_head.weight.device.type == "meta"  # on disk until the model runs or is saved
+    ref = compress(lmpress.load(tmp_path / "m"), [GPTQ(bits=4, group_size=32)], data=data)
+    save(lm, tmp_path / "s")  # the embedding written from the file, rounded to fp16 as compress rounds leftovers
+    save(ref, tmp_path / "r")
+    assert_same_state(state(lmpress.load(tmp_path / "s")), state(lmpress.load(tmp_path / "r")))
+    ids = torch.tensor([[1, 7, 9, 4]])
+    logits = lm.model(ids).logits  # the first forward reads them
+    assert lm.stream is None and lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+    assert_same_state(state(lm), state(ref))
+    assert torch.equal(logits, ref.model(ids).logits)
 
 
 def test_streamed_run_resumes(stories_dir, tmp_path, monkeypatch):
@@ -174,14 +203,20 @@ def test_streamed_run_resumes(stories_dir, tmp_path, monkeypatch):
     whole = compress(lmpress.load(path), [GPTQ(bits=4, group_size=32)], data=data)
     real = calibrate._compress_block
 
+    seen = []
+
     def dying(block, index, *a, **k):
+        seen.append({n: p.device.type for n, p in lm.model.named_parameters() if ".layers." not in n})
         if index == 2:
             raise Killed
         return real(block, index, *a, **k)
 
     monkeypatch.setattr(calibrate, "_compress_block", dying)
+    lm = load_streaming(path)
     with pytest.raises(Killed):
-        compress(load_streaming(path), [GPTQ(bits=4, group_size=32)], data=data, checkpoint=tmp_path / "ck")
+        compress(lm, [GPTQ(bits=4, group_size=32)], data=data, checkpoint=tmp_path / "ck")
+    # while the engine works on the blocks, the embedding (read for the capture only) and the head are not in RAM
+    assert len(seen) == 3 and all(d["model.embed_tokens.weight"] == d["lm_head.weight"] == "meta" for d in seen)
     monkeypatch.setattr(calibrate, "_compress_block", real)
     lm = compress(load_streaming(path), [GPTQ(bits=4, group_size=32)], data=data, checkpoint=tmp_path / "ck")
     assert lm.info["calibration"][0]["resumed_blocks"] == 2

@@ -416,7 +416,7 @@ def _compress_command(args, steps) -> tuple[dict, str]:
     ckpt = Path(args.checkpoint) if args.checkpoint else out.parent / f".{out.name}.resume"
     resumable = any(type(s) in SEQUENTIAL for s in steps)
     compress(lm, steps, progress=not args.quiet, data=data, checkpoint=str(ckpt) if resumable else None,
-             spill=args.spill, device=args.device)
+             spill=args.spill, device=args.device, defer_outside=args.stream)
     save(lm, out, overwrite=args.force)
     if resumable:
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -437,6 +437,9 @@ def _compress_command(args, steps) -> tuple[dict, str]:
         c = res["calibration"]
         rows += [("calibration", f"{c['spec']}: {c['samples']} samples, {c['tokens']:,} tokens")]
     if args.stream and not args.no_eval:
+        from .models.stream import close
+
+        close(lm)  # the embedding and head, left on disk through the save (compress's defer_outside)
         base = _load(lm.source, args)  # after the peak RSS above: the bound is the compression's
     if base is not None:
         data = args.data if args.data != "auto" else ("wikitext2" if wikitext_available(args.data_dir) else "builtin")

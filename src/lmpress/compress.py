@@ -147,9 +147,11 @@ def _sequential(lm, model, step, data, progress, algorithm, **engine):
     (models.stream) has its blocks read from disk as the engine reaches them."""
     from .calibrate import all_targets, run_sequential
     from .models.arch import arch_for
-    from .models.stream import fill_block, is_streaming
+    from .models.stream import embedding_loaded, fill_block, is_streaming
 
-    wanted = select(model, step)  # the usual error when targets/ignore match no float linear layer
+    # names only (the usual error when targets/ignore match no float linear layer): a dict of the modules kept
+    # for the whole step would keep every float layer the engine replaces, and their weights, alive to the end
+    wanted = list(select(model, step))
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise BadInput(f"{type(step).__name__} runs block by block: it needs a transformers model whose family "
@@ -166,6 +168,7 @@ def _sequential(lm, model, step, data, progress, algorithm, **engine):
         data = default_calibration(lm)
     if is_streaming(lm):
         engine["fill"] = lambda _block, i: fill_block(lm, i)
+        engine["capture_context"] = lambda: embedding_loaded(lm)
     info = run_sequential(model, spec, data, algorithm, step, progress, **engine)
     if hasattr(lm, "info"):
         lm.info.setdefault("calibration", []).append(
@@ -382,12 +385,14 @@ def round_float_leftovers(model: torch.nn.Module) -> None:
     """Round the weights a recipe left in float (embeddings, norms, a float lm_head) to fp16 values, in place,
     so that they save in half the bytes (models.io stores exactly-fp16 tensors as fp16). Tensors beyond fp16's
     range stay as they are."""
+    from .models import io
+
     for mod in model.modules():
         if callable(getattr(mod, "lmpress_format", None)):
             continue
         for p in mod.parameters(recurse=False):
-            if p.dtype == torch.float32 and p.numel() and p.detach().abs().max() < 65504:
-                p.data.copy_(p.data.half())
+            if p.device.type != "meta":  # (a streamed model's embedding and head: rounded when read)
+                io.round_to_fp16_values(p.data)
 
 
 SEQUENTIAL = {R.GPTQ, R.Wanda, R.SparseGPT, R.AWQ, R.SmoothQuant}  # the steps the engine can resume
@@ -402,7 +407,8 @@ def _touches_blocks(lm, model, step) -> bool:
 
 
 def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None = None, round_floats: bool = True,
-             checkpoint: str | None = None, spill: str | None = None, device: str | None = None):
+             checkpoint: str | None = None, spill: str | None = None, device: str | None = None,
+             defer_outside: bool = False):
     """Apply `recipe` (a preset name, a YAML/JSON path, or a list of steps) to `lm` in place; returns `lm`.
 
     `lm` is a LoadedModel (its recipe grows by the steps applied, and is saved in the manifest) or any
@@ -414,7 +420,9 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
     steps are simply redone (they are deterministic), QAT starts over. `spill`, `device`: where calibrated steps
     keep activations (a folder: file-backed) and compute (calibrate.run_sequential). A LoadedModel from
     models.stream.load_streaming is filled block by block by calibrated steps, whole before any other step,
-    and is an ordinary in-memory model afterwards."""
+    and is an ordinary in-memory model afterwards; with `defer_outside` (and round_floats) its embedding and head
+    stay on disk until it first runs or is saved (models.stream.close's keep_outside: `lmpress compress
+    --stream` never holds them in float32)."""
     from .calibrate import BlockCheckpoints
     from .models import stream
 
@@ -428,11 +436,14 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
         _check_job(checkpoint, lm, steps, data)
     with torch.no_grad():
         for k, step in enumerate(steps):
-            if type(step) not in SEQUENTIAL and stream.is_streaming(lm) and _touches_blocks(lm, model, step):
-                if progress:
-                    print(f"lmpress: {type(step).__name__} works on the whole model: reading every block from disk "
-                          f"(streaming bounds memory only for calibrated steps)", file=sys.stderr)
-                stream.fill_all(lm)
+            if type(step) not in SEQUENTIAL and stream.is_streaming(lm):
+                if _touches_blocks(lm, model, step):
+                    if progress:
+                        print(f"lmpress: {type(step).__name__} works on the whole model: reading every block from "
+                              f"disk (streaming bounds memory only for calibrated steps)", file=sys.stderr)
+                    stream.fill_all(lm)
+                else:  # a step on the head alone
+                    stream.fill_outside(lm)
             if type(step) in SEQUENTIAL:
                 kw = {"spill": spill, "device": device}
                 if checkpoint is not None:
@@ -442,7 +453,7 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
                 WHOLE_MODEL[type(step)](lm, model, step, data, progress)
             else:
                 replace_layers(model, step, CONVERT[type(step)], progress)
-    stream.close(lm)  # a streamed model is whole from here on
+    stream.close(lm, keep_outside=defer_outside and round_floats and hasattr(lm, "recipe"))  # whole from here on
     if hasattr(lm, "recipe"):
         if round_floats:
             round_float_leftovers(model)

@@ -48,10 +48,21 @@ def layer_formats(model: torch.nn.Module) -> dict[str, dict]:
     return out
 
 
+def round_to_fp16_values(t: torch.Tensor) -> None:
+    """Round float32 `t` to fp16 values in place, in slices (no fp16 copy of a whole embedding); a tensor with a
+    value beyond fp16's range stays as it is."""
+    if t.dtype == torch.float32 and t.numel() and t.detach().abs().max() < 65504:
+        parts = t.data.view(-1).split(1 << 22) if t.is_contiguous() else [t.data]
+        for c in parts:
+            c.copy_(c.half())
+
+
 def exact_storage_dtype(t: torch.Tensor) -> torch.dtype:
-    """The narrowest float dtype that holds every value of float32 tensor `t` exactly."""
+    """The narrowest float dtype that holds every value of float32 tensor `t` exactly (checked in slices of
+    ~4M values: no full-size copies of a large embedding)."""
+    flat = t.detach().reshape(-1)
     for dt in (torch.float16, torch.bfloat16):
-        if torch.equal(t.to(dt).to(t.dtype), t):
+        if all(torch.equal(c.to(dt).to(t.dtype), c) for c in flat.split(1 << 22)):
             return dt
     return t.dtype
 
@@ -64,6 +75,8 @@ def narrowed_floats(model: torch.nn.Module):
         if callable(getattr(mod, "lmpress_format", None)):
             continue  # quantized formats own their dtypes
         for p in mod.parameters(recurse=False):
+            if p.device.type == "meta":
+                continue  # (a streamed model's embedding and head, still on disk: save writes them from there)
             if p.dtype == torch.float32 and (dt := exact_storage_dtype(p.data)) != torch.float32:
                 changed.append((p, p.dtype))
                 p.data = p.data.to(dt)
@@ -96,14 +109,49 @@ def save(lm, out: str | os.PathLike, *, recipe: list[dict] | None = None, overwr
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         with narrowed_floats(lm.model):
-            lm.model.save_pretrained(tmp)
+            if getattr(lm, "stream", None) is not None and lm.stream["parked"]:
+                written = _save_with_parked(lm, tmp)
+            else:
+                lm.model.save_pretrained(tmp)
+                written = {}
             manifest = build_manifest(lm, recipe)
+        for key, dtype in written.items():  # the dense entries of tensors written from the file
+            entry = manifest["layers"].get(key.rpartition(".")[0])
+            if entry is not None and entry.get("format") == "dense":
+                entry["dtype"] = str(dtype).removeprefix("torch.")
         lm.tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         install_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _save_with_parked(lm, tmp: Path) -> dict[str, torch.dtype]:
+    """The weights of a streamed model whose embedding and head are still on disk (models.stream.close with
+    keep_outside): the resident tensors as they are (already narrowed), the parked ones read one at a time
+    (float16 when rounded), then one safetensors file written from pointers (no copy), with config.json and
+    generation_config.json as save_pretrained writes them. Returns {key: dtype} of the tensors read."""
+    from safetensors.torch import save_file
+
+    from .stream import parked_tensors
+
+    state, seen = {}, set()
+    for k, v in lm.model.state_dict().items():
+        if v.device.type == "meta" or v.data_ptr() in seen:
+            continue  # parked (below), or tied to a tensor already listed
+        seen.add(v.data_ptr())
+        state[k] = v.contiguous()
+    written = {}
+    for k, v in parked_tensors(lm):
+        state[k] = v
+        v = v.to(exact_storage_dtype(v)) if v.dtype == torch.float32 else v
+        state[k], written[k] = v, v.dtype
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    lm.model.config.save_pretrained(tmp)
+    if getattr(lm.model, "generation_config", None) is not None:
+        lm.model.generation_config.save_pretrained(tmp)
+    return written
 
 
 def install_folder(tmp: Path, out: Path) -> None:

@@ -1,11 +1,14 @@
 """Streaming: a model whose blocks stay empty until the sequential engine needs them, one at a time.
 
-`load_streaming(source)` builds the model from its config, loads everything outside the blocks (embeddings,
-final norm, output head) and leaves every block's weights on the `meta` device (no memory). `fill_block(lm, i)`
-reads block i's tensors from the file (a safetensors folder: those tensors only; a GGUF file: those tensors
-dequantized) into the block. The engine fills each block just before compressing it, and compressing replaces
-its float linears with their compressed form, so the process holds the compressed blocks, one float block and
-the calibration activations — not the float model (calibrate.run_sequential's `fill`, compress's use of it).
+`load_streaming(source)` builds the model from its config, loads the small tensors outside the blocks (final
+norm, biases) and leaves every block's weights, the token embedding and the output head on the `meta` device (no
+memory). `fill_block(lm, i)` reads block i's tensors from the file (a safetensors folder: those tensors only; a
+GGUF file: those tensors dequantized) into the block. The engine fills each block just before compressing it,
+and compressing replaces its float linears with their compressed form, so the process holds the compressed
+blocks, one float block and the calibration activations — not the float model (calibrate.run_sequential's
+`fill`, compress's use of it). The embedding is read only for the capture of block 0's inputs and released
+after (`embedding_loaded`); embedding and head come back when the model is closed. For Qwen2.5-0.5B they are
+1.09 GB of its 2.5 GB in float32.
 
 Data-free steps touch every layer at once: compress fills all blocks before them (the bound is then gone, and
 it says so). Only models loaded from a GGUF file or a transformers folder stream; an lmpress folder is
@@ -15,6 +18,7 @@ already compressed.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,13 +41,17 @@ class SafetensorsSource:
             with safe_open(f, "pt") as fh:
                 self.where.update({k: f for k in fh.keys()})
 
-    def get(self, keys: set[str]) -> dict[str, torch.Tensor]:
+    def get(self, keys: set[str], half: bool = False) -> dict[str, torch.Tensor]:
+        """half: float tensors rounded to float16 (GGUFSource.get)."""
         from safetensors import safe_open
 
         out = {}
         for f in sorted({self.where[k] for k in keys if k in self.where}):
             with safe_open(f, "pt") as fh:
-                out.update({k: fh.get_tensor(k) for k in keys if self.where.get(k) == f})
+                for k in keys:
+                    if self.where.get(k) == f:
+                        t = fh.get_tensor(k)
+                        out[k] = t.half() if half and t.is_floating_point() else t
         return out
 
     def close(self):
@@ -58,10 +66,16 @@ class GGUFSource:
 
         self.gf, self.model = gguf.read_gguf(path), model
 
-    def get(self, keys: set[str]) -> dict[str, torch.Tensor]:
+    def get(self, keys: set[str], half: bool = False) -> dict[str, torch.Tensor]:
+        """half: dequantized straight to float16, slice by slice (no float32 copy of a large tensor)."""
+        import numpy as np
+
         from . import gguf
 
-        return gguf.gguf_state_dict(self.gf, self.model, keys)
+        out = gguf.gguf_state_dict(self.gf, self.model, keys, np.float16 if half else np.float32)
+        # (dequantized copies: the file's pages can go)
+        self.gf.drop_pages()
+        return out
 
     def close(self):
         self.gf.close()
@@ -96,20 +110,78 @@ def load_streaming(source: str | Path, dtype=torch.float32):
         persistent = set(block.state_dict())
         keep[i] = {n: b for n, b in block.named_buffers() if n not in persistent}
         block.to_empty(device="meta")
+    parked = _embedding_keys(model)
+    for mod in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                if m is not None}.values():
+        mod.to_empty(device="meta")
     src = GGUFSource(path, model) if is_gguf else SafetensorsSource(path)
     prefix = spec.blocks + "."
-    outside = {k for k in model.state_dict() if not k.startswith(prefix)}
+    outside = {k for k in model.state_dict() if not k.startswith(prefix)} - parked
     state = {k: v.to(dtype) for k, v in src.get(outside).items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    _check_loaded(path, model, [k for k in missing if not k.startswith(prefix)], unexpected)
+    _check_loaded(path, model, [k for k in missing if not k.startswith(prefix) and k not in parked], unexpected)
     model.eval()
     size = path.stat().st_size if is_gguf else sum(f.stat().st_size for f in hf.weight_files(path))
     lm = LoadedModel(model=model, tokenizer=hf.load_tokenizer(conv), source=str(path),
                      kind="gguf" if is_gguf else "hf", disk_bytes=size, disk_params=0,
                      load_s=time.perf_counter() - t0)
     lm.disk_params = stored_weights(model)  # shapes only: meta tensors count too
-    lm.stream = {"source": src, "buffers": keep, "filled": set()}
+    lm.stream = {"source": src, "buffers": keep, "filled": set(), "parked": parked}
     return lm
+
+
+def _embedding_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the token embedding's and the output head's parameters (tied ones under both names)."""
+    mods = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    ids = {id(p) for m in mods for p in m.parameters(recurse=False)}
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+
+
+def _fill_keys(lm, keys: set[str]) -> None:
+    """Read these parked state-dict keys from the file into the model (those already there are skipped)."""
+    model, st = lm.model, lm.stream
+    want = keys & st["parked"]
+    if not want:
+        return
+    dtype = next(p for p in model.parameters() if p.device.type != "meta").dtype
+    state = {k: v.to(dtype) for k, v in st["source"].get(want).items()}
+    _missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    from . import _check_loaded
+
+    _check_loaded(lm.source, model, sorted(want - set(state)), unexpected)  # (ties the head when it is tied)
+    st["parked"] -= want
+    if st.get("round_floats"):  # compress rounded the float leftovers while these were on disk: as it would have
+        from .io import round_to_fp16_values
+
+        for k in state:
+            round_to_fp16_values(model.get_parameter(k).data)
+
+
+def fill_outside(lm) -> None:
+    """Read the token embedding and the output head (nothing when already there)."""
+    if is_streaming(lm):
+        _fill_keys(lm, set(lm.stream["parked"]))
+
+
+@contextmanager
+def embedding_loaded(lm):
+    """The token embedding read for the duration (the capture of block 0's inputs), released after unless it
+    was there before. A head tied to it comes and goes with it."""
+    model = lm.model
+    emb = model.get_input_embeddings()
+    keys = {n for n, p in model.named_parameters(remove_duplicate=False)
+            if any(p is q for q in emb.parameters(recurse=False))}
+    was_parked = keys & lm.stream["parked"]
+    _fill_keys(lm, keys)
+    try:
+        yield
+    finally:
+        if was_parked:
+            held = [p for n, p in model.named_parameters(remove_duplicate=False) if n in was_parked]
+            for mod in (emb, model.get_output_embeddings()):  # every module holding the tensor lets it go
+                if mod is not None and any(q is p for q in mod.parameters(recurse=False) for p in held):
+                    mod.to_empty(device="meta")
+            lm.stream["parked"] |= was_parked
 
 
 def is_streaming(lm) -> bool:
@@ -138,13 +210,59 @@ def fill_block(lm, i: int) -> None:
 
 
 def fill_all(lm) -> None:
+    """Every block, the embedding and the head: the whole model in memory (a step that needs all of it)."""
     for i in range(len(lm.arch.block_list(lm.model))):
         fill_block(lm, i)
+    fill_outside(lm)
 
 
-def close(lm) -> None:
-    """Fill what is still empty and release the file: the model is then an ordinary in-memory one."""
-    if is_streaming(lm):
-        fill_all(lm)
-        lm.stream["source"].close()
-        lm.stream = None
+def close(lm, keep_outside: bool = False) -> None:
+    """Fill what is still empty and release the file: the model is then an ordinary in-memory one.
+
+    keep_outside: the embedding and the head stay on disk until the model first runs (a forward pre-hook reads
+    them) or models.io.save writes them straight from the file, one at a time in float16 — so saving a
+    streamed compression never holds them in float32 (1.09 GB for Qwen2.5-0.5B). It also marks them to be
+    rounded to fp16 values when read, as compress rounds every float leftover."""
+    if not is_streaming(lm):
+        return
+    st = lm.stream
+    for i in range(len(lm.arch.block_list(lm.model))):
+        fill_block(lm, i)
+    for h in st.pop("hooks", []):
+        h.remove()
+    if keep_outside and st["parked"]:
+        st["round_floats"] = True
+        mods = {id(m): m for m in (lm.model.get_input_embeddings(), lm.model.get_output_embeddings())
+                if m is not None}
+        st["hooks"] = [m.register_forward_pre_hook(lambda _m, _a: close(lm)) for m in mods.values()]
+        return
+    fill_outside(lm)
+    st["source"].close()
+    lm.stream = None
+
+
+def parked_tensors(lm):
+    """(state-dict key, tensor) for each tensor still on disk, read one at a time: float16 (rounded, as compress
+    rounds float leftovers) when the model was closed with keep_outside and its values fit fp16, else as
+    `fill_outside` would give it. Tied names come once (under the first name). For models.io.save."""
+    from .io import round_to_fp16_values
+
+    st = lm.stream
+    done = set()
+    for k in sorted(st["parked"]):
+        p = lm.model.get_parameter(k)
+        if id(p) in done:
+            continue
+        done.add(id(p))
+        if st.get("round_floats"):
+            h = st["source"].get({k}, half=True).get(k)
+            if h is not None and h.is_floating_point() and torch.isfinite(h).all() and h.abs().max() < 65504:
+                yield k, h  # (each value within fp16's range: what rounding the float32 tensor gives)
+                continue
+        t = st["source"].get({k}).get(k)
+        if t is None:
+            continue  # a tied head the file does not store
+        t = t.to(p.dtype)
+        if st.get("round_floats"):
+            round_to_fp16_values(t)
+        yield k, t

@@ -76,12 +76,14 @@ def _renamed(e: BadInput) -> BadInput:
 
 def sparsegpt_prune(W: Tensor, H: Tensor, sparsity: float = 0.5, pattern: str | None = None,
                     bits: int | None = None, group_size: int | None = None, symmetric: bool = False,
-                    damp: float = 0.01, block_size: int = 128, mask: Tensor | None = None) -> Pruned:
+                    damp: float = 0.01, block_size: int = 128, mask: Tensor | None = None,
+                    overwrite_h: bool = False) -> Pruned:
     """W: [O, I] float, H: [I, I] (2/n · Σ XᵀX) → Pruned (see the module docstring for the algorithm).
 
     mask: a fixed keep-mask [O, I] instead of choosing one (sparsity and pattern are then ignored): the
     weights outside it are pruned and the rest compensated (and quantized, with bits) — e.g. to quantize an
-    already pruned weight without losing its zeros: mask = W != 0."""
+    already pruned weight without losing its zeros: mask = W != 0. overwrite_h: H (float64) may be changed in
+    place (apply's own Hessian: no second [I, I] copy)."""
     sparsity = check_sparsity(sparsity)
     nm = parse_pattern(pattern)
     if mask is not None:
@@ -104,7 +106,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, sparsity: float = 0.5, pattern: str | 
         raise BadInput(f"SparseGPT: Hessian {tuple(H.shape)} does not match a weight with {I} inputs")
     if not torch.isfinite(W).all():
         raise BadInput("SparseGPT: the weight contains inf or NaN")
-    H = H.detach().double().clone()
+    H = H.detach().to(torch.float64, copy=not overwrite_h)
 
     # 1. dead inputs
     dead = torch.diagonal(H) == 0
@@ -176,11 +178,12 @@ def apply(module: torch.nn.Module, stats: dict, config) -> torch.nn.Module:
     group_size = getattr(config, "group_size", 128)
     symmetric = getattr(config, "symmetric", False)
     try:
-        H = hessian(stats)
+        H = hessian(stats, consume=True)  # in stats' memory, changed in place below: one [I, I] copy less
     except BadInput as e:
         raise _renamed(e) from None
     r = sparsegpt_prune(linear_weight(module), H, getattr(config, "sparsity", 0.5), getattr(config, "pattern", None),
-                        bits, group_size, symmetric, getattr(config, "damp", 0.01), getattr(config, "block_size", 128))
+                        bits, group_size, symmetric, getattr(config, "damp", 0.01), getattr(config, "block_size", 128),
+                        overwrite_h=True)
     if bits is None:
         return write_weight(module, r.weight)
     return PackedLinear.from_codes(r.codes, r.qparams, module.bias, symmetric=symmetric)

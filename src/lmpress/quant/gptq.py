@@ -67,8 +67,9 @@ def update_stats(stats: dict, x: Tensor) -> dict:
     return stats
 
 
-def hessian(stats: dict, sink_weight: float = 1.0) -> Tensor:
+def hessian(stats: dict, sink_weight: float = 1.0, consume: bool = False) -> Tensor:
     """H = 2/n · Σ XᵀX, [I, I] float64, with each sequence's first position counted sink_weight times.
+    consume: build H in the memory of stats["H"] and drop it from stats (apply: no second [I, I] copy).
 
     The first position is the attention sink: most heads put most of their weight on it, so its keys and
     values are read by every later token, while an unweighted H counts it once in T. Measured on SmolLM2-135M
@@ -77,7 +78,10 @@ def hessian(stats: dict, sink_weight: float = 1.0) -> Tensor:
     HQQ 0.327)."""
     if stats["n"] == 0:
         raise BadInput("GPTQ saw no calibration inputs for this layer")
-    H, n = stats["H"].clone(), stats["n"]
+    if "H" not in stats:
+        raise BadInput("these GPTQ statistics were used up by an earlier apply (it builds the Hessian in their "
+                       "memory): pass apply a copy to apply twice")
+    H, n = (stats.pop("H") if consume else stats["H"].clone()), stats["n"]
     if sink_weight != 1 and stats.get("n0"):
         x0 = torch.cat(stats["X0"]).double()  # [n0, I]
         H.addmm_(x0.t(), x0, alpha=sink_weight - 1)
@@ -89,18 +93,24 @@ def hessian(stats: dict, sink_weight: float = 1.0) -> Tensor:
 
 
 def _inverse_cholesky(H: Tensor, damp: float, tries: int = 4) -> tuple[Tensor, float]:
-    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H); damp ×10 on failure. float64 in, out."""
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H); damp ×10 on failure. float64 in, out.
+
+    One [I, I] matrix beside H: the damped copy is factored, inverted and factored again in its own memory
+    (LAPACK works in place; H stays intact for a retry). For Qwen2.5-0.5B's down_proj each copy is 190 MB."""
     mean_diag = torch.diagonal(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    info = torch.zeros((), dtype=torch.int32, device=H.device)
     for attempt in range(tries + 1):
         if attempt:
             damp = damp * 10 if damp > 0 else 1e-3
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        A = H.clone()
+        A.diagonal().add_(damp * mean_diag)  # = H + λI, bit for bit
+        torch.linalg.cholesky_ex(A, out=(A, info))  # A = L
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            torch.cholesky_inverse(A, out=A)  # A = (H + λI)⁻¹
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))  # A = U
             if info == 0:
-                return U, damp
+                return A, damp
+        del A
     raise BadInput(f"GPTQ: the Hessian does not factor even with damp={damp:g}; give more (or more varied) "
                    f"calibration data, or a larger damp")
 
@@ -114,13 +124,14 @@ def _group_params(w: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
                   damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
                   block_size: int = 128, keep_zeros: bool = False,
-                  grid: QParams | None = None) -> tuple[Tensor, QParams]:
+                  grid: QParams | None = None, overwrite_h: bool = False) -> tuple[Tensor, QParams]:
     """W: [O, I] float, H: [I, I] (2/n · Σ XᵀX) → codes [O, I] uint8 and QParams (scale, zero: [O, n_groups],
     group_size as given; I must be a multiple of group_size: pad first). keep_zeros: weights that are exactly 0
     (a pruned layer's mask) get the code of 0 and stay 0, their error compensated like any other, so a
     sparsity pattern survives quantization ([SparseGPT("2:4"), GPTQ(4, 128)]). grid: every group's scale and
     zero given up front (asymmetric; the zero may be fractional, as HQQ's: code = round(w/s + z)); GPTQ then
-    only chooses the codes. A fractional zero cannot hold a weight at exactly 0, so grid excludes keep_zeros."""
+    only chooses the codes. A fractional zero cannot hold a weight at exactly 0, so grid excludes keep_zeros.
+    overwrite_h: H (float64) may be changed in place — apply's own Hessian, so no second [I, I] copy is made."""
     bits = check_bits(bits)
     O, I = W.shape
     g = group_size or I
@@ -138,7 +149,7 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None
     W = W.detach().float().clone()
     if not torch.isfinite(W).all():
         raise BadInput("GPTQ: the weight contains inf or NaN")
-    H = H.detach().double().clone()
+    H = H.detach().to(torch.float64, copy=not overwrite_h)
     qlo, qhi = (1 if symmetric else 0), 2**bits - 1
     n_groups = I // g
 
@@ -162,7 +173,9 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None = None
     # 2. act order: perm[j] = original column quantized j-th
     perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
             else torch.arange(I, device=W.device))
-    W, H = W[:, perm], H[perm][:, perm]
+    W = W[:, perm]
+    if act_order:  # rows, then columns into H's own memory: one [I, I] copy at a time
+        torch.index_select(H[perm], 1, perm, out=H)
     mask = mask[:, perm] if mask is not None else None
 
     # 3-4. dampening and the upper Cholesky factor of H⁻¹
@@ -211,7 +224,7 @@ def apply(module: torch.nn.Module, stats: dict, config) -> PackedLinear:
     symmetric = getattr(config, "symmetric", False)
     W = linear_weight(module)  # [O, I]
     in_f = W.shape[1]
-    H = hessian(stats, getattr(config, "sink_weight", 1.0))  # [I, I]
+    H = hessian(stats, getattr(config, "sink_weight", 1.0), consume=True)  # [I, I], in stats' memory
     W = pad_to_groups(W, group_size)  # [O, I'], zero columns up to whole groups
     if W.shape[1] > in_f:  # padded inputs: a diagonal Hessian (no coupling to the real ones) at the mean of the
         pad = W.shape[1] - in_f  # real diagonal, so that the dampening (∝ mean diag) does not change
@@ -229,5 +242,5 @@ def apply(module: torch.nn.Module, stats: dict, config) -> PackedLinear:
                               act_order=getattr(config, "act_order", False),
                               static_groups=getattr(config, "static_groups", False),
                               block_size=getattr(config, "block_size", 128),
-                              keep_zeros=getattr(config, "keep_zeros", True), grid=grid)
+                              keep_zeros=getattr(config, "keep_zeros", True), grid=grid, overwrite_h=True)
     return PackedLinear.from_codes(codes[:, :in_f], qp, module.bias, symmetric=symmetric)
