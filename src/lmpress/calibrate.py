@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from .errors import BadInput, LmpressError
+from .memory import release_freed_memory
 from .nn import is_float_linear
 
 
@@ -352,6 +353,7 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
                     tb = time.perf_counter()
                     if fill is not None:
                         fill(blocks[i], i)
+                        release_freed_memory()  # (the reader's temporaries)
                     if device is not None:
                         blocks[i].to(device)
                     names = _compress_block(blocks[i], i, spec, cap, algorithm, config, device)
@@ -367,25 +369,6 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
                 m.training = modes.get(name, modes[""])
     return {"layers": done, "blocks": len(blocks), "capture_s": capture_s, "block_s": block_s,
             "resumed_blocks": resumed, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
-
-
-def release_freed_memory() -> None:
-    """Give memory the process has freed back to the OS (glibc's malloc_trim; nothing elsewhere). Tensors up
-    to 32 MB come from malloc's heap, which keeps what they free: without this, a streamed GPTQ on
-    Qwen2.5-0.5B held 0.7 GB more at the end of block 0's observation (2,175 vs 1,496 MiB)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else False
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 
 
 def _file_backed(h: Tensor, path: Path) -> Tensor:

@@ -146,6 +146,7 @@ def _sequential(lm, model, step, data, progress, algorithm, **engine):
     / apply (calibrate.py). engine: run_sequential's checkpoints / spill / device. A streamed model
     (models.stream) has its blocks read from disk as the engine reaches them."""
     from .calibrate import all_targets, run_sequential
+    from .memory import release_freed_memory
     from .models.arch import arch_for
     from .models.stream import embedding_loaded, fill_block, is_streaming
 
@@ -170,6 +171,7 @@ def _sequential(lm, model, step, data, progress, algorithm, **engine):
         engine["fill"] = lambda _block, i: fill_block(lm, i)
         engine["capture_context"] = lambda: embedding_loaded(lm)
     info = run_sequential(model, spec, data, algorithm, step, progress, **engine)
+    release_freed_memory()  # (the activations)
     if hasattr(lm, "info"):
         lm.info.setdefault("calibration", []).append(
             {"step": type(step).__name__,

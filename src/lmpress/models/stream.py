@@ -245,6 +245,7 @@ def parked_tensors(lm):
     """(state-dict key, tensor) for each tensor still on disk, read one at a time: float16 (rounded, as compress
     rounds float leftovers) when the model was closed with keep_outside and its values fit fp16, else as
     `fill_outside` would give it. Tied names come once (under the first name). For models.io.save."""
+    from ..memory import release_freed_memory
     from .io import round_to_fp16_values
 
     st = lm.stream
@@ -254,10 +255,13 @@ def parked_tensors(lm):
         if id(p) in done:
             continue
         done.add(id(p))
+        release_freed_memory()  # (the previous tensor's reading temporaries)
         if st.get("round_floats"):
             h = st["source"].get({k}, half=True).get(k)
-            if h is not None and h.is_floating_point() and torch.isfinite(h).all() and h.abs().max() < 65504:
-                yield k, h  # (each value within fp16's range: what rounding the float32 tensor gives)
+            # every value within fp16's range (NaN and inf fail too): what rounding the float32 tensor gives
+            if h is not None and h.is_floating_point() and all(float(c.abs().max()) < 65504
+                                                               for c in h.view(-1).split(1 << 22)):
+                yield k, h
                 continue
         t = st["source"].get({k}).get(k)
         if t is None:
