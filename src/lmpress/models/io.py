@@ -136,21 +136,18 @@ def _save_with_parked(lm, tmp: Path) -> dict[str, torch.dtype]:
 
     from .stream import parked_tensors
 
-    state, seen = {}, set()
-    for k, v in lm.model.state_dict().items():
-        if v.device.type == "meta" or v.data_ptr() in seen:
-            continue  # parked (below), or tied to a tensor already listed
-        seen.add(v.data_ptr())
-        state[k] = v.contiguous()
+    model = lm.model
+    once = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - once  # second names of one tensor
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied and v.device.type != "meta"}
     written = {}
-    for k, v in parked_tensors(lm):
-        state[k] = v
+    for k, v in parked_tensors(lm):  # (parked: on `meta` above)
         v = v.to(exact_storage_dtype(v)) if v.dtype == torch.float32 else v
         state[k], written[k] = v, v.dtype
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    lm.model.config.save_pretrained(tmp)
-    if getattr(lm.model, "generation_config", None) is not None:
-        lm.model.generation_config.save_pretrained(tmp)
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
     return written
 
 

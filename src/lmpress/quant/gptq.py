@@ -53,16 +53,18 @@ def init_stats(module: torch.nn.Module) -> dict:
 
 def update_stats(stats: dict, x: Tensor) -> dict:
     """x: [..., I] inputs of the layer; H accumulates Σ xᵀx over all rows (float32 product, float64 sum, added
-    in place: no float64 copy of the product). For a batch of sequences [B, T, I], the first position's rows
-    are kept as they are (the attention sink, see hessian: B rows per batch, where a second [I, I] matrix
-    would cost 190 MB for Qwen2.5-0.5B's down_proj)."""
+    in place, slice by slice: no whole float64 copy of the product). For a batch of sequences [B, T, I], the
+    first position's rows are kept as they are (the attention sink, see hessian: B rows per batch, where a
+    second [I, I] matrix would cost 190 MB for Qwen2.5-0.5B's down_proj)."""
     x = x.detach()
     if x.dim() >= 3 and "X0" in stats:
         x0 = x[:, 0].reshape(-1, x.shape[-1]).float()  # [B, I]: each sequence's first position
         stats["X0"].append(x0.clone())
         stats["n0"] += x0.shape[0]
     x = x.reshape(-1, x.shape[-1]).float()  # [N, I]
-    stats["H"] += x.t() @ x
+    product, H = x.t() @ x, stats["H"]
+    for i in range(0, H.shape[0], 1024):  # in row slices: a float32 → float64 add makes a float64 copy (190 MB
+        H[i:i + 1024] += product[i:i + 1024]  # for Qwen2.5-0.5B's down_proj at once; 40 MB this way)
     stats["n"] += x.shape[0]
     return stats
 
