@@ -110,9 +110,8 @@ def load_streaming(source: str | Path, dtype=torch.float32):
         persistent = set(block.state_dict())
         keep[i] = {n: b for n, b in block.named_buffers() if n not in persistent}
         block.to_empty(device="meta")
-    parked = _embedding_keys(model)
-    for mod in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
-                if m is not None}.values():
+    parked = _param_keys(model, _ends(model))
+    for mod in _ends(model):
         mod.to_empty(device="meta")
     src = GGUFSource(path, model) if is_gguf else SafetensorsSource(path)
     prefix = spec.blocks + "."
@@ -130,9 +129,14 @@ def load_streaming(source: str | Path, dtype=torch.float32):
     return lm
 
 
-def _embedding_keys(model: torch.nn.Module) -> set[str]:
-    """State-dict keys of the token embedding's and the output head's parameters (tied ones under both names)."""
-    mods = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+def _ends(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The token embedding and the output head (one module when they are the same)."""
+    mods = {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return list(mods.values())
+
+
+def _param_keys(model: torch.nn.Module, mods) -> set[str]:
+    """State-dict keys of these modules' own parameters, under every name (a tied tensor has two)."""
     ids = {id(p) for m in mods for p in m.parameters(recurse=False)}
     return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
 
@@ -169,17 +173,15 @@ def embedding_loaded(lm):
     was there before. A head tied to it comes and goes with it."""
     model = lm.model
     emb = model.get_input_embeddings()
-    keys = {n for n, p in model.named_parameters(remove_duplicate=False)
-            if any(p is q for q in emb.parameters(recurse=False))}
+    keys = _param_keys(model, [emb])
     was_parked = keys & lm.stream["parked"]
     _fill_keys(lm, keys)
     try:
         yield
     finally:
         if was_parked:
-            held = [p for n, p in model.named_parameters(remove_duplicate=False) if n in was_parked]
-            for mod in (emb, model.get_output_embeddings()):  # every module holding the tensor lets it go
-                if mod is not None and any(q is p for q in mod.parameters(recurse=False) for p in held):
+            for mod in _ends(model):  # every module holding the tensor (a tied head too) lets it go
+                if _param_keys(model, [mod]) & was_parked:
                     mod.to_empty(device="meta")
             lm.stream["parked"] |= was_parked
 
@@ -232,9 +234,7 @@ def close(lm, keep_outside: bool = False) -> None:
         h.remove()
     if keep_outside and st["parked"]:
         st["round_floats"] = True
-        mods = {id(m): m for m in (lm.model.get_input_embeddings(), lm.model.get_output_embeddings())
-                if m is not None}
-        st["hooks"] = [m.register_forward_pre_hook(lambda _m, _a: close(lm)) for m in mods.values()]
+        st["hooks"] = [m.register_forward_pre_hook(lambda _m, _a: close(lm)) for m in _ends(lm.model)]
         return
     fill_outside(lm)
     st["source"].close()
