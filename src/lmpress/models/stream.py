@@ -73,8 +73,7 @@ class GGUFSource:
         from . import gguf
 
         out = gguf.gguf_state_dict(self.gf, self.model, keys, np.float16 if half else np.float32)
-        # (dequantized copies: the file's pages can go)
-        self.gf.drop_pages()
+        self.gf.drop_pages()  # the tensors are dequantized copies: the file's pages can leave the process
         return out
 
     def close(self):
