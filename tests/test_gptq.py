@@ -186,10 +186,12 @@ def test_engine_identity_is_exact_on_stories(stories_dir, stories_text):
     assert all("forward" not in block.__dict__ for block in spec.block_list(model))
 
 
-def test_engine_propagates_through_compressed_blocks(tokenizer):
+@pytest.mark.parametrize("slice_tokens", [None, 32])
+def test_engine_propagates_through_compressed_blocks(tokenizer, slice_tokens):
     """Each block is observed on the outputs of the *compressed* blocks before it: the statistics the engine
     gathers for each block's q_proj (its input depends only on earlier blocks) equal those of the finished,
-    compressed model run whole. Fails if the engine propagated the float block's outputs."""
+    compressed model run whole. Fails if the engine propagated the float block's outputs. slice_tokens=32:
+    each batch of 2 × 32 tokens goes through the blocks one sequence at a time, with the same result."""
     from conftest import tiny_model
 
     lm = tiny_model("llama", tokenizer)
@@ -204,7 +206,8 @@ def test_engine_propagates_through_compressed_blocks(tokenizer):
 
     algo = NS(init_stats=IDENTITY.init_stats, update_stats=IDENTITY.update_stats, apply=apply)
     lm.model.train()  # the engine runs in eval mode and restores the flags, new modules included
-    run_sequential(lm.model, lm.arch, batches, algo, NS())  # an nn.Module works as well as a LoadedModel
+    # an nn.Module works as well as a LoadedModel
+    run_sequential(lm.model, lm.arch, batches, algo, NS(), slice_tokens=slice_tokens)
     assert all(m.training for m in lm.model.modules())
     lm.model.eval()
     ref, handles = {}, []
@@ -239,9 +242,17 @@ def test_engine_identity_exact_on_other_families(tokenizer, family):
     batches, ids = [torch.randint(3, 512, (2, 40), generator=g)], torch.randint(3, 512, (1, 40), generator=g)
     with torch.no_grad():
         before = lm.model(ids).logits
-    run_sequential(lm, lm.arch, batches, IDENTITY, NS())
+    seen = {}
+    for slice_tokens in (None, 40):  # whole batches, then one sequence at a time: masks sliced or broadcast
+        algo = NS(init_stats=IDENTITY.init_stats, update_stats=IDENTITY.update_stats,
+                  apply=lambda mod, stats, config, s=slice_tokens: seen.setdefault((mod, s), stats) and mod)
+        run_sequential(lm, lm.arch, batches, algo, NS(), slice_tokens=slice_tokens)
     with torch.no_grad():
         assert torch.equal(before, lm.model(ids).logits)
+    mods = {m for m, _s in seen}
+    assert len(seen) == 2 * len(mods) > 0
+    for m in mods:  # every block's statistics, whole or sliced: the same rows summed in another order
+        assert torch.allclose(seen[m, None]["xtx"], seen[m, 40]["xtx"], rtol=1e-5, atol=1e-4)
     info = run_sequential(lm, lm.arch, batches, gptq, NS(bits=4, group_size=32))
     assert all(isinstance(lm.model.get_submodule(n), PackedLinear) for n in info["layers"])
 
