@@ -3,7 +3,7 @@ the streamed load, after calibration, after the capture of block 0's inputs, and
 block, for the first N blocks only (the rest of the model is never read).
 
 usage: python benchmarks/stream_memory.py MODEL.gguf [--blocks 2] [--recipe gptq-w4g128] [--calib builtin:128x512]
-       [--threads 1]
+       [--threads 1] [--slice-tokens 1024]
 (calibrated.md, "GPTQ with --stream": 2,234 MiB after the load of Qwen2.5-0.5B, high-water 3,769 MiB in block 0.)
 """
 import argparse
@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--recipe", default="gptq-w4g128")
     ap.add_argument("--calib", default="builtin:128x512")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--slice-tokens", type=int, default=1024, help="the engine's slice_tokens (0: whole batches)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     lm = load_streaming(a.model)
@@ -40,7 +41,7 @@ def main():
     def first_blocks(*args, **kw):  # the engine sees only the first N blocks
         spec_type.block_list = lambda self, m: all_blocks(self, m)[:a.blocks]
         try:
-            return run(*args, **kw)
+            return run(*args, **kw, slice_tokens=a.slice_tokens or None)
         finally:
             spec_type.block_list = all_blocks
 

@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from .errors import BadInput, LmpressError
-from .memory import release_freed_memory
+from .memory import map_large_allocations, release_freed_memory
 from .nn import is_float_linear
 
 
@@ -329,6 +329,7 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
     # by name, not by module: a dict keyed by the modules would keep every replaced float layer (its weights)
     # alive to the end — the whole float model, block by block (streamed Qwen2.5-0.5B: 3.5 GB peak instead of ~1.5)
     modes = {name: m.training for name, m in model.named_modules()}
+    map_large_allocations()  # freed slice intermediates go back to the OS instead of staying in the heap
     done: list[str] = []
     block_s: list[float] = []
     resumed = checkpoints.blocks_done(len(blocks)) if checkpoints is not None else 0

@@ -22,3 +22,23 @@ def release_freed_memory() -> None:
 
 
 _TRIM = None
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_ALLOCATION = 4 << 20
+
+
+def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> bool:
+    """From now on, glibc serves every allocation of `threshold` bytes or more with its own mapping, which
+    goes back to the OS when freed. glibc's default threshold grows with the sizes freed (up to 32 MB), after
+    which such tensors come from the heap, where freed holes stay resident: with the engine's 1,024-token
+    slices (20 MB MLP intermediates on Qwen2.5-0.5B), block 0's observation held 3,001 MiB at its peak with
+    the default, 1,420 MiB with this (1,676 MiB for whole batches of 8 × 512 tokens under the default).
+    Process-wide and lasting (glibc then stops adapting the threshold); True where it took effect (Linux,
+    glibc), False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
