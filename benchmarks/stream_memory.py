@@ -3,7 +3,7 @@ the streamed load, after calibration, after the capture of block 0's inputs, and
 block, for the first N blocks only (the rest of the model is never read).
 
 usage: python benchmarks/stream_memory.py MODEL.gguf [--blocks 2] [--recipe gptq-w4g128] [--calib builtin:128x512]
-       [--threads 1] [--slice-tokens 1024]
+       [--threads 1] [--slice-tokens 1024] [--glibc-default]
 (calibrated.md, "GPTQ with --stream": 2,234 MiB after the load of Qwen2.5-0.5B, high-water 3,769 MiB in block 0.)
 """
 import argparse
@@ -29,8 +29,11 @@ def main():
     ap.add_argument("--calib", default="builtin:128x512")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--slice-tokens", type=int, default=1024, help="the engine's slice_tokens (0: whole batches)")
+    ap.add_argument("--glibc-default", action="store_true", help="leave glibc's mmap threshold as it is")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.glibc_default:
+        C.map_large_allocations = lambda *args, **kw: False
     lm = load_streaming(a.model)
     print("streamed load:", mem(), flush=True)
     data = calibration(lm, a.calib)
