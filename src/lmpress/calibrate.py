@@ -44,7 +44,9 @@ rename), so a kill at any moment leaves either the previous or the new checkpoin
 Memory: the model's blocks may be streamed from disk (`fill`, models/stream.py), so the process holds the
 compressed blocks, one float block, the activations of all calibration batches at one block boundary
 (N·T·D floats; `spill` puts them in file-backed memory the OS can page out), one block's statistics and
-the intermediates of one slice of a batch (`slice_tokens`) going through the block.
+the intermediates of one slice of a batch (`slice_tokens`) going through the block. The engine has glibc
+serve tensors of 16 MB or more with their own mappings from then on, for the whole process
+(`memory.map_large_allocations`): freed slices go back to the OS instead of staying in the heap.
 `device` runs each block's work on an accelerator (the block moves there and back); on this project's
 CPU-only machines that path is exercised with device="cpu" only.
 """
