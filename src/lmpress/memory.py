@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_ALLOCATION = 16 << 20
+
+
+@functools.cache
+def _glibc_function(name: str):
+    """glibc's function `name` through ctypes, or None (not Linux, no libc.so.6, no such function)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def release_freed_memory() -> None:
     """Give memory the process has freed back to the OS (glibc's malloc_trim; nothing elsewhere). Tensors up
     to 32 MB come from malloc's heap, which keeps what they free: without this, a streamed GPTQ on
     Qwen2.5-0.5B held 0.7 GB more at the end of block 0's observation (2,175 vs 1,496 MiB)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else False
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-LARGE_ALLOCATION = 16 << 20
+    trim = _glibc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
 def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> bool:
@@ -37,11 +42,7 @@ def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> bool:
     heap, where reuse costs no page faults. Process-wide and lasting (glibc then stops adapting its
     threshold); True where it took effect (Linux, glibc, no MALLOC_MMAP_THRESHOLD_ of the user's), False
     elsewhere."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False  # (a threshold the user set for glibc stands)
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
-        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
