@@ -333,6 +333,19 @@ def test_sink_weight_counts_first_positions_that_many_times():
             R.GPTQ(sink_weight=bad)
 
 
+@pytest.mark.parametrize("n", [70, 37])  # whole and partial row blocks of 8 (the symmetric path: n >= 32)
+def test_add_gram_blocks_equal_one_product(n):
+    torch.manual_seed(0)
+    x = torch.randn(300, n) * torch.rand(n) * 10  # uneven channels
+    ref = (x.t().double() @ x.double())  # the straightforward sum, in float64
+    for rows in (8, 64):  # 8: upper blocks and their transposes; 64 (n < 4·rows): one product in row slices
+        H = torch.ones(n, n, dtype=torch.float64)  # adds to what is there
+        gptq.add_gram(H, x, rows=rows)
+        gptq.add_gram(H, x[:5], rows=rows)
+        torch.testing.assert_close(H, H.t(), rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(H, 1 + ref + x[:5].t().double() @ x[:5].double(), rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("bits,group", [(3, 32), (4, 64)])
 def test_hqq_grid_keeps_hqqs_parameters_and_lowers_its_output_error(bits, group):
     """grid='hqq': every group's scale and fractional zero are HQQ's (quant/hqq.py), GPTQ only picks the codes,

@@ -51,6 +51,7 @@ from torch import Tensor
 from ..errors import BadInput
 from ..nn import linear_weight
 from ..nn.packed import PackedLinear, pad_to_groups
+from .gptq import add_gram
 from .primitives import QParams, check_bits, compute_qparams, dequantize, quantize
 from .rtn import storage_qparams
 from .smoothquant import fold_scales, smoothing_groups
@@ -85,7 +86,7 @@ def init_stats(module: torch.nn.Module) -> dict:
 def update_stats(stats: dict, x: Tensor) -> dict:
     """x: [..., I]; H += xᵀx (float32 product, float64 sum), absum += Σ|x| per channel."""
     x = x.detach().reshape(-1, x.shape[-1]).float()  # [N, I]
-    stats["H"] += (x.t() @ x).double()
+    add_gram(stats["H"], x)
     stats["absum"] += x.abs().sum(dim=0).double()
     stats["n"] += x.shape[0]
     return stats

@@ -62,11 +62,34 @@ def update_stats(stats: dict, x: Tensor) -> dict:
         stats["X0"].append(x0.clone())
         stats["n0"] += x0.shape[0]
     x = x.reshape(-1, x.shape[-1]).float()  # [N, I]
-    product, H = x.t() @ x, stats["H"]
-    for i in range(0, H.shape[0], 1024):  # in row slices: a float32 → float64 add makes a float64 copy (190 MB
-        H[i:i + 1024] += product[i:i + 1024]  # for Qwen2.5-0.5B's down_proj at once; 40 MB this way)
+    add_gram(stats["H"], x)
     stats["n"] += x.shape[0]
     return stats
+
+
+GRAM_ROWS = 512  # row blocks of add_gram
+
+
+def add_gram(H: Tensor, x: Tensor, rows: int = GRAM_ROWS) -> None:
+    """H [I, I] float64 += xᵀx for x [N, I] float32 (float32 products, summed in float64), in place.
+
+    For I ≥ 4·rows, in blocks of `rows` rows: only the blocks on and right of the diagonal are multiplied and
+    the ones below it are their transposes, which halves the arithmetic (Qwen2.5-0.5B's down_proj, I = 4864,
+    1,024 tokens at one thread: 1.8 → 0.8 s, the same values there), and no
+    whole [I, I] float32 product is held (95 MB there; a [rows, I] block is 10 MB, its float64 copy in the
+    add 20 MB). Smaller I: one product, added in row slices (no whole float64 copy of it)."""
+    n = H.shape[0]
+    if n < 4 * rows:
+        product = x.t() @ x
+        for i in range(0, n, rows):
+            H[i:i + rows] += product[i:i + rows]
+        return
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        block = x[:, i:j].t() @ x[:, i:]  # [j - i, n - i]: rows i..j, columns i..n
+        H[i:j, i:] += block
+        if j < n:
+            H[j:, i:j] += block[:, j - i:].t()
 
 
 def hessian(stats: dict, sink_weight: float = 1.0, consume: bool = False) -> Tensor:
