@@ -1,12 +1,15 @@
 """Where a streamed calibrated compression's memory goes: VmRSS and VmHWM (the process's high-water mark) after
 the streamed load, after calibration, after the capture of block 0's inputs, and at the start and end of each
-block, for the first N blocks only (the rest of the model is never read).
+block, for the first N blocks only (the rest of the model is never read); per block also its peak VmRSS
+(sampled every 20 ms) and glibc's heap account at that moment (mallinfo2: heap in use / free, mapped).
 
 usage: python benchmarks/stream_memory.py MODEL.gguf [--blocks 2] [--recipe gptq-w4g128] [--calib builtin:128x512]
        [--threads 1] [--slice-tokens 1024] [--glibc-default]
 (calibrated.md, "GPTQ with --stream": 2,234 MiB after the load of Qwen2.5-0.5B, high-water 3,769 MiB in block 0.)
 """
 import argparse
+import ctypes
+import threading
 import time
 
 import torch
@@ -19,6 +22,39 @@ from lmpress.models.stream import load_streaming
 def mem() -> str:
     d = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return f"RSS {int(d['VmRSS'].split()[0]) / 1024:,.0f} MiB, high-water {int(d['VmHWM'].split()[0]) / 1024:,.0f} MiB"
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap() -> str:
+    """glibc's account (mallinfo2, all arenas): heap bytes taken from the OS, in use, free inside the heap
+    (resident unless trimmed), and bytes in separate mappings."""
+    f = ctypes.CDLL("libc.so.6").mallinfo2
+    f.restype = MallInfo2
+    m = f()
+    return (f"heap {m.arena / 2**20:,.0f} MiB (in use {m.uordblks / 2**20:,.0f}, free {m.fordblks / 2**20:,.0f}), "
+            f"mapped {m.hblkhd / 2**20:,.0f} MiB in {m.hblks}")
+
+
+class Sampler(threading.Thread):
+    """VmRSS every 20 ms; at each new maximum since reset(), glibc's account then (`heap`)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.at_peak = 0, ""
+
+    def reset(self):
+        self.peak, self.at_peak = 0, ""
+
+    def run(self):
+        while True:
+            rss = int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmRSS"].split()[0])
+            if rss > self.peak:
+                self.peak, self.at_peak = rss, heap()
+            time.sleep(0.02)
 
 
 def main():
@@ -53,10 +89,15 @@ def main():
         print("block 0 inputs captured:", mem(), flush=True)
         return out
 
+    sampler = Sampler()
+    sampler.start()
+
     def one_block(*args, **kw):
         print(f"block {args[1]} start:", mem(), flush=True)
+        sampler.reset()
         out = block(*args, **kw)
         print(f"block {args[1]} end:  ", mem(), flush=True)
+        print(f"  block {args[1]}'s peak VmRSS {sampler.peak / 1024:,.0f} MiB; then {sampler.at_peak}", flush=True)
         return out
 
     C.run_sequential, C.capture_block_inputs, C._compress_block = first_blocks, captured, one_block
