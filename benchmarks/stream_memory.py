@@ -16,12 +16,19 @@ import torch
 
 import lmpress.calibrate as C
 from lmpress.compress import calibration, compress
+from lmpress.memory import _glibc_function
 from lmpress.models.stream import load_streaming
 
 
-def mem() -> str:
+def status_kb() -> dict:
+    """/proc/self/status's memory lines in kB ({"VmRSS": …, "VmHWM": …})."""
     d = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return f"RSS {int(d['VmRSS'].split()[0]) / 1024:,.0f} MiB, high-water {int(d['VmHWM'].split()[0]) / 1024:,.0f} MiB"
+    return {k: int(d[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+
+
+def mem() -> str:
+    d = status_kb()
+    return f"RSS {d['VmRSS'] / 1024:,.0f} MiB, high-water {d['VmHWM'] / 1024:,.0f} MiB"
 
 
 class MallInfo2(ctypes.Structure):
@@ -32,7 +39,9 @@ class MallInfo2(ctypes.Structure):
 def heap() -> str:
     """glibc's account (mallinfo2, all arenas): heap bytes taken from the OS, in use, free inside the heap
     (resident unless trimmed), and bytes in separate mappings."""
-    f = ctypes.CDLL("libc.so.6").mallinfo2
+    f = _glibc_function("mallinfo2")
+    if f is None:
+        return "no glibc account"
     f.restype = MallInfo2
     m = f()
     return (f"heap {m.arena / 2**20:,.0f} MiB (in use {m.uordblks / 2**20:,.0f}, free {m.fordblks / 2**20:,.0f}), "
@@ -51,7 +60,7 @@ class Sampler(threading.Thread):
 
     def run(self):
         while True:
-            rss = int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmRSS"].split()[0])
+            rss = status_kb()["VmRSS"]
             if rss > self.peak:
                 self.peak, self.at_peak = rss, heap()
             time.sleep(0.02)

@@ -75,9 +75,9 @@ def add_gram(H: Tensor, x: Tensor, rows: int = GRAM_ROWS) -> None:
 
     For I ≥ 4·rows, in blocks of `rows` rows: only the blocks on and right of the diagonal are multiplied and
     the ones below it are their transposes, which halves the arithmetic (Qwen2.5-0.5B's down_proj, I = 4864,
-    1,024 tokens at one thread: 1.8 → 0.8 s, the same values there), and no whole [I, I] float32 product is
-    held (95 MB there; a [rows, I] block is 10 MB, its float64 copy in the add 20 MB). Smaller I: one
-    product, added in row slices (no whole float64 copy of it)."""
+    1,024 tokens at one thread: 1.8× faster, the same values; benchmarks/gram_speed.py), and no whole [I, I]
+    float32 product is held (95 MB there; a [rows, I] block is 10 MB, its float64 copy in the add 20 MB).
+    Smaller I: one product, added in row slices (no whole float64 copy of it)."""
     n = H.shape[0]
     if n < 4 * rows:
         product = x.t() @ x
