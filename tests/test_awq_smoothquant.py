@@ -357,3 +357,19 @@ def test_converted_members_leave_their_group_alone(tokenizer):
     assert torch.equal(block.input_layernorm.weight, norm_a)
     assert not torch.equal(block.post_attention_layernorm.weight, norm_m)
     assert rel(logits(lm, ids), before) < 1e-5
+
+
+def test_awq_search_error_is_the_same_in_row_slices():
+    """The scale search sums its error over slices of output rows (bounded temporaries): 7 rows per slice
+    (a partial last one) gives the errors of one whole-matrix product, and the same scale."""
+    x = correlated_inputs(256, 64, seed=5)
+    torch.manual_seed(2)
+    w = torch.randn(45, 64)
+    stats = awq.update_stats(awq.init_stats(torch.nn.Linear(64, 45)), x)
+    H, mean = awq.gram(stats), (stats["absum"] / stats["n"]).float()
+    s_whole, a_whole, e_whole = awq.search_scale([w], H, mean, 4, 32, 8, slice_=10**9)
+    s_rows, a_rows, e_rows = awq.search_scale([w], H, mean, 4, 32, 8, slice_=7 * 64)
+    assert e_rows == pytest.approx(e_whole, rel=1e-5) and a_rows == a_whole and torch.equal(s_rows, s_whole)
+    for k, e in enumerate(e_whole):
+        s = awq.scale_for(mean, k / 8)
+        assert e == pytest.approx(awq.output_error(w - awq.fake_rtn(w * s, 4, 32) / s, H), rel=1e-5)
