@@ -128,8 +128,8 @@ SLICE = 2**21  # elements of the weight slices of scaled_rtn_error (8 MB of floa
 def scaled_rtn_error(w: Tensor, s: Tensor, H: Tensor, bits: int, group_size: int | None, slice_: int = SLICE) -> float:
     """tr(D·H·Dᵀ) of D = w − Q(w·s)/s, summed over slices of whole output rows of about `slice_` elements:
     RTN groups run along the input, so rows are independent, and each slice's temporaries (w·s, its codes,
-    D, D·H) stay below the 16 MB from which glibc served them as fresh mmaps, instead of every α mapping and
-    unmapping 17 MB buffers for Qwen2.5-0.5B's MLP (155M page faults, 14% of a streamed AWQ run's time, session 11)."""
+    D, D·H) stay below the 16 MB from which glibc serves them as fresh mmaps in the streamed engine
+    (memory.map_large_allocations), instead of every α mapping and unmapping 17 MB buffers for Qwen2.5-0.5B's MLP (155M page faults, 14% of a streamed AWQ run's time, session 11)."""
     rows = max(1, slice_ // w.shape[1])
     return sum(output_error(c - fake_rtn(c * s, bits, group_size) / s, H) for c in w.split(rows))
 
