@@ -114,13 +114,15 @@ def test_smoothquant_alone_leaves_model_unchanged(tokenizer, family):
     assert all(isinstance(lm.model.get_submodule(n), torch.nn.Linear) for n in info["layers"])
 
 
-def test_awq_scale_only_keeps_logits_then_gptq_quantizes(tokenizer):
+@pytest.mark.parametrize("duo", [False, True])
+def test_awq_scale_only_keeps_logits_then_gptq_quantizes(tokenizer, duo):
     """AWQ(scale_only=True) folds its searched scales and leaves the model float (same logits); a GPTQ step
-    after it then quantizes the scaled layers: the issue's [AWQ, GPTQ] composition."""
+    after it then quantizes the scaled layers: the issue's [AWQ, GPTQ] composition. Also with duo scaling."""
     lm = with_outliers(tiny_model("llama", tokenizer))
     ids = token_batches(1, (2, 48), seed=5)[0]
     before = logits(lm, ids)
-    compress(lm, [AWQ(bits=4, group_size=32, scale_only=True)], data=token_batches(2), round_floats=False)
+    compress(lm, [AWQ(bits=4, group_size=32, scale_only=True, duo_scaling=duo)], data=token_batches(2),
+             round_floats=False)
     assert rel(logits(lm, ids), before) < 1e-5
     assert lm.model.model.layers[0].input_layernorm.weight[OUTLIERS].abs().max() < 50  # scales were folded
     compress(lm, [GPTQ(bits=4, group_size=32)], data=token_batches(2))
@@ -313,6 +315,9 @@ def test_bad_config():
             awq.check_config(NS(bits=4, group_size=32, grid=grid))
     with pytest.raises(BadInput, match="bits"):
         AWQ(bits=9)
+    for name in ("clip", "scale_only", "duo_scaling"):
+        with pytest.raises(BadInput, match=f"AWQ {name} must be true or false"):
+            AWQ(**{name: "yes"})
     assert SmoothQuant(alpha=1).alpha == 1.0 and AWQ(grid=1).grid == 1
 
 
@@ -373,3 +378,28 @@ def test_awq_search_error_is_the_same_in_row_slices():
     for k, e in enumerate(e_whole):
         s = awq.scale_for(mean, k / 8)
         assert e == pytest.approx(awq.output_error(w - awq.fake_rtn(w * s, 4, 32) / s, H), rel=1e-5)
+
+
+def test_awq_duo_scaling_candidates():
+    """duo_scaling: RTN (s = 1) is the first candidate, so the best error is never above RTN's; the weight
+    side is each input channel's mean over rows of |w| / max|w| of its group (a loop as reference, with a
+    partial last group)."""
+    x = correlated_inputs(512, 72, seed=4)
+    torch.manual_seed(3)
+    w1, w2 = torch.randn(16, 72), torch.randn(8, 72) * 3
+    stats = awq.update_stats(awq.init_stats(torch.nn.Linear(72, 16)), x)
+    H, mean = awq.gram(stats), (stats["absum"] / stats["n"]).float()
+    ref = torch.zeros(72)
+    w = torch.cat([w1, w2]).abs()
+    for r in range(24):
+        for g0 in range(0, 72, 32):
+            blk = w[r, g0:g0 + 32]
+            ref[g0:g0 + 32] += blk / (blk.max() + 1e-6) / 24
+    assert torch.allclose(awq.weight_magnitude([w1, w2], 32), ref, atol=1e-6)
+    s, alpha, errs = awq.search_scale([w1, w2], H, mean, 4, 32, 10, duo=True)
+    rtn = sum(awq.output_error(v - awq.fake_rtn(v, 4, 32), H) for v in (w1, w2))
+    assert len(errs) == 11 and errs[0] == pytest.approx(rtn, rel=1e-6) and min(errs) <= errs[0]
+    s5 = awq.scale_for(mean, 0.5, ref)
+    assert errs[6] == pytest.approx(sum(awq.output_error(v - awq.fake_rtn(v * s5, 4, 32) / s5, H) for v in (w1, w2)),
+                                    rel=1e-5)
+    assert min(errs) < 0.8 * errs[0], errs  # outlier channels: some duo scale beats RTN clearly here
