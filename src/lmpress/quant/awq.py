@@ -17,8 +17,9 @@ group's rows of |W_rj| / max|W| of its quantization group, after s = 1 (RTN) its
 builtin calibration, 40 windows) it was worse than the activation-only family: KLD 0.2189 against 0.1949
 (calibrated.md), hence off by default. The α of the lowest error wins (so on its calibration objective AWQ
 is never worse than RTN); every group of a block is searched on the float block first, then all scales are
-folded (smoothquant.fold_scales), as the reference implementation does. The objective is the group's own outputs (not the attention or MLP output): it needs
-only the Gram matrix H, which also serves the clip search, and is exact over every calibration token.
+folded (smoothquant.fold_scales), as the reference implementation does. The objective is the group's own
+outputs (not the attention or MLP output): it needs only the Gram matrix H, which also serves the clip
+search, and is exact over every calibration token.
 
 Clipping (clip=True): for each output row and weight group of a scaled layer, the range [lo, hi] is shrunk to
 [lo·f, hi·f] (f from 1 down to 0.5, 20 steps) and the f with the lowest output error of the row, d·H·dᵀ
@@ -145,7 +146,8 @@ def scaled_rtn_error(w: Tensor, s: Tensor, H: Tensor, bits: int, group_size: int
     """tr(D·H·Dᵀ) of D = w − Q(w·s)/s, summed over slices of whole output rows of about `slice_` elements:
     RTN groups run along the input, so rows are independent, and each slice's temporaries (w·s, its codes,
     D, D·H) stay below the 16 MB from which glibc serves them as fresh mmaps in the streamed engine
-    (memory.map_large_allocations), instead of every α mapping and unmapping 17 MB buffers for Qwen2.5-0.5B's MLP (155M page faults, 14% of a streamed AWQ run's time, session 11)."""
+    (memory.map_large_allocations), instead of every α mapping and unmapping 17 MB buffers for Qwen2.5-0.5B's
+    MLP (155M page faults, 14% of a streamed AWQ run's time, session 11)."""
     rows = max(1, slice_ // w.shape[1])
     return sum(output_error(c - fake_rtn(c * s, bits, group_size) / s, H) for c in w.split(rows))
 
