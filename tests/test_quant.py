@@ -154,6 +154,18 @@ def test_recipe_files_and_errors(tmp_path, tokenizer):
     assert W8A8Dynamic().ignore == RTN().ignore
 
 
+def test_benchmark_recipe_files_load():
+    """The recipe files that benchmarks/*.md quote load, each to at least one step of a known kind (a renamed
+    field would otherwise surface only when someone reruns a figure)."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "benchmarks" / "recipes").glob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        steps = load_recipe(str(f))
+        assert steps and all(hasattr(s, "ignore") for s in steps), f.name
+
+
 def test_qat_through_compress_recipe(stories, tmp_path):
     """The QAT step from a YAML recipe through lmpress.compress: trains, converts to packed codes, saves."""
     p = tmp_path / "qat.yaml"
