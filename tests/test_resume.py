@@ -12,7 +12,7 @@ from lmpress.cli import main
 from lmpress.compress import calibration, compress, parse_calib
 from lmpress.errors import BadInput
 from lmpress.models.io import save
-from lmpress.recipe import GPTQ, RTN, SparseGPT
+from lmpress.recipe import GPTQ, RTN, SparseGPT, Wanda
 
 from conftest import tiny_model
 
@@ -195,12 +195,51 @@ def test_streamed_tied_embedding(tokenizer, tmp_path):
     assert torch.equal(logits, ref.model(ids).logits)
 
 
-def test_streamed_run_resumes(stories_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", [[SparseGPT(sparsity=0.5)], [Wanda(pattern="2:4"), GPTQ(bits=4, group_size=32)]])
+def test_streamed_float_blocks_wait_on_disk(stories_dir, tmp_path, monkeypatch, recipe):
+    """A block that a step leaves in float (pruned) goes to disk once finished, so the engine holds one float
+    block, not the float model; a later step reads it back exactly, the save writes it from disk, a forward
+    reads it back, and every result equals the in-memory one."""
     from lmpress.models.stream import load_streaming
 
     path = stories_dir / "hf"
     data = calibration(lmpress.load(path), "builtin:8x64")
-    whole = compress(lmpress.load(path), [GPTQ(bits=4, group_size=32)], data=data)
+    ref = compress(lmpress.load(path), recipe, data=data)
+    lm = load_streaming(path)
+    blocks = lm.arch.block_list(lm.model)
+    n = len(blocks)
+    real, resident = calibrate._compress_block, []
+
+    def watching(block, index, *a, **k):
+        resident.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks))
+        return real(block, index, *a, **k)
+
+    monkeypatch.setattr(calibrate, "_compress_block", watching)
+    compress(lm, recipe, data=data, checkpoint=tmp_path / "ck", defer_outside=True)
+    assert resident[:n] == [1] * n  # pruning: only the block at work is in memory
+    if len(recipe) == 1:
+        assert all(p.device.type == "meta" for p in blocks.parameters())  # all pruned blocks wait on disk
+        assert len(list(tmp_path.glob(".lmpress-blocks-*/block-*.safetensors"))) == n
+    else:  # GPTQ reads each pruned block back and keeps its (small) quantized form
+        assert resident[n:] == list(range(1, n + 1))
+        assert not list(tmp_path.glob(".lmpress-blocks-*/block-*"))
+    save(lm, tmp_path / "s")
+    save(ref, tmp_path / "r")
+    assert_same_state(state(lmpress.load(tmp_path / "s")), state(lmpress.load(tmp_path / "r")))
+    ids = torch.tensor([[1, 7, 9, 4]])
+    logits = lm.model(ids).logits  # the first forward reads what is on disk
+    assert lm.stream is None and not list(tmp_path.glob(".lmpress-blocks-*"))
+    assert_same_state(state(lm), state(ref))
+    assert torch.equal(logits, ref.model(ids).logits)
+
+
+@pytest.mark.parametrize("recipe", [[GPTQ(bits=4, group_size=32)], [SparseGPT(sparsity=0.5)]])
+def test_streamed_run_resumes(stories_dir, tmp_path, monkeypatch, recipe):
+    from lmpress.models.stream import load_streaming
+
+    path = stories_dir / "hf"
+    data = calibration(lmpress.load(path), "builtin:8x64")
+    whole = compress(lmpress.load(path), recipe, data=data)
     real = calibrate._compress_block
 
     seen = []
@@ -214,11 +253,11 @@ def test_streamed_run_resumes(stories_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(calibrate, "_compress_block", dying)
     lm = load_streaming(path)
     with pytest.raises(Killed):
-        compress(lm, [GPTQ(bits=4, group_size=32)], data=data, checkpoint=tmp_path / "ck")
+        compress(lm, recipe, data=data, checkpoint=tmp_path / "ck")
     # while the engine works on the blocks, the embedding (read for the capture only) and the head are not in RAM
     assert len(seen) == 3 and all(d["model.embed_tokens.weight"] == d["lm_head.weight"] == "meta" for d in seen)
     monkeypatch.setattr(calibrate, "_compress_block", real)
-    lm = compress(load_streaming(path), [GPTQ(bits=4, group_size=32)], data=data, checkpoint=tmp_path / "ck")
+    lm = compress(load_streaming(path), recipe, data=data, checkpoint=tmp_path / "ck")
     assert lm.info["calibration"][0]["resumed_blocks"] == 2
     assert_same_state(state(lm), state(whole))
 

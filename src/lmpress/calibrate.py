@@ -296,7 +296,7 @@ def peak_rss_mb() -> float:
 def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, progress: bool = False,
                    checkpoints: BlockCheckpoints | None = None, fill=None, spill: str | os.PathLike | None = None,
                    device: str | torch.device | None = None, capture_context=None,
-                   slice_tokens: int | None = 1024) -> dict:
+                   slice_tokens: int | None = 1024, release=None) -> dict:
     """Compress the block linears of `lm_or_model` (a LoadedModel or an nn.Module) in place, block by block.
 
     spec: the model's ArchSpec. batches: calibration token ids, a list of [B, T] tensors. algorithm: an
@@ -304,7 +304,9 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
     apply as is; its `targets` and `ignore` (when present) select the layers. checkpoints: where to save
     each finished block and resume from (module docstring); None keeps everything in memory. fill(block,
     index): called before block `index` is first used, to read its weights from disk (models.stream: the
-    blocks of a streamed model are empty until then). spill: a folder where the activations live in
+    blocks of a streamed model are empty until then). release(block, index): called once block `index` is
+    finished (and checkpointed; a resumed one once loaded), to let it go from memory (models.stream.park_block:
+    a streamed block the step left in float goes to disk until needed again). spill: a folder where the activations live in
     file-backed memory (the OS pages them out under memory pressure) instead of anonymous RAM. device: where
     each block computes ("cuda" when present): the block and its batches move there for the block's work and
     the block comes back to the CPU after. capture_context: a function returning a context manager that
@@ -339,6 +341,8 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
         if fill is not None:
             fill(blocks[i], i)  # the block's non-persistent parts; its saved state then replaces the weights
         done += checkpoints.load_block(blocks[i], i)
+        if release is not None:
+            release(blocks[i], i)
     if resumed and progress:
         print(f"lmpress: {type(config).__name__}: resuming after block {resumed} of {len(blocks)} from "
               f"{checkpoints.folder}", file=sys.stderr)
@@ -369,6 +373,8 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
                     done += names
                     if checkpoints is not None:
                         checkpoints.save(blocks[i], i, names, cap.hidden, last=i == len(blocks) - 1)
+                    if release is not None:
+                        release(blocks[i], i)
                     block_s.append(time.perf_counter() - tb)
                     bar.update(1)
         finally:

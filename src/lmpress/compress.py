@@ -148,7 +148,7 @@ def _sequential(lm, model, step, data, progress, algorithm, **engine):
     from .calibrate import all_targets, run_sequential
     from .memory import release_freed_memory
     from .models.arch import arch_for
-    from .models.stream import embedding_loaded, fill_block, is_streaming
+    from .models.stream import embedding_loaded, fill_block, is_streaming, park_block
 
     # names only (the usual error when targets/ignore match no float linear layer): a dict of the modules kept
     # for the whole step would keep every float layer the engine replaces, and their weights, alive to the end
@@ -170,6 +170,8 @@ def _sequential(lm, model, step, data, progress, algorithm, **engine):
     if is_streaming(lm):
         engine["fill"] = lambda _block, i: fill_block(lm, i)
         engine["capture_context"] = lambda: embedding_loaded(lm)
+        near = engine.get("spill") or (engine["checkpoints"].folder.parent if engine.get("checkpoints") else None)
+        engine["release"] = lambda _block, i: park_block(lm, i, near)  # (a block the step left in float)
     info = run_sequential(model, spec, data, algorithm, step, progress, **engine)
     release_freed_memory()  # (the activations)
     if hasattr(lm, "info"):

@@ -102,6 +102,8 @@ def build_manifest(lm, recipe: list[dict] | None = None) -> dict:
 
 def save(lm, out: str | os.PathLike, *, recipe: list[dict] | None = None, overwrite: bool = False) -> Path:
     """Write `lm` to folder `out` atomically. Returns the folder."""
+    from .stream import has_parked
+
     out = Path(out)
     if out.exists() and not overwrite:
         raise BadInput(f"{out} already exists; choose another --out or pass --overwrite")
@@ -109,7 +111,7 @@ def save(lm, out: str | os.PathLike, *, recipe: list[dict] | None = None, overwr
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         with narrowed_floats(lm.model):
-            if getattr(lm, "stream", None) is not None and lm.stream["parked"]:
+            if has_parked(lm):
                 written = _save_with_parked(lm, tmp)
             else:
                 lm.model.save_pretrained(tmp)
@@ -128,8 +130,8 @@ def save(lm, out: str | os.PathLike, *, recipe: list[dict] | None = None, overwr
 
 
 def _save_with_parked(lm, tmp: Path) -> dict[str, torch.dtype]:
-    """The weights of a streamed model whose embedding and head are still on disk (models.stream.close with
-    keep_outside): the resident tensors as they are (already narrowed), the parked ones read one at a time
+    """The weights of a streamed model whose embedding and head (and blocks parked in float) are still on disk
+    (models.stream.close with keep_outside): the resident tensors as they are (already narrowed), the parked ones read one at a time
     (float16 when rounded), then one safetensors file written from pointers (no copy), with config.json and
     generation_config.json as save_pretrained writes them. Returns {key: dtype} of the tensors read."""
     from safetensors.torch import save_file

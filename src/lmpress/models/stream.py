@@ -10,6 +10,11 @@ blocks, one float block and the calibration activations — not the float model 
 after (`embedding_loaded`); embedding and head come back when the model is closed. For Qwen2.5-0.5B they are
 1.09 GB of its 2.5 GB in float32.
 
+A step that leaves a finished block in float (Wanda, SparseGPT, SmoothQuant: zeroed or rescaled weights, still
+float32) would hold the whole float model by its last block. `park_block` writes such a block's exact tensors
+to a spill folder and frees it; fill_block reads it back when a later step needs it, and models.io.save
+writes it from there one tensor at a time (`parked_tensors`).
+
 Data-free steps touch every layer at once: compress fills all blocks before them (the bound is then gone, and
 it says so). Only models loaded from a GGUF file or a transformers folder stream; an lmpress folder is
 already compressed.
@@ -124,8 +129,55 @@ def load_streaming(source: str | Path, dtype=torch.float32):
                      kind="gguf" if is_gguf else "hf", disk_bytes=size, disk_params=0,
                      load_s=time.perf_counter() - t0)
     lm.disk_params = stored_weights(model)  # shapes only: meta tensors count too
-    lm.stream = {"source": src, "buffers": keep, "filled": set(), "parked": parked}
+    lm.stream = {"source": src, "buffers": keep, "filled": set(), "parked": parked, "spilled": {}}
     return lm
+
+
+def park_block(lm, i: int, folder: str | Path | None = None) -> bool:
+    """Write finished block i to a spill folder (a temporary folder inside `folder`, made at the first call;
+    the system's temporary folder when None) and free its tensors; True when parked. Only a block of plain
+    float modules is parked: a compressed one is already small. fill_block reads it back, exactly."""
+    from safetensors.torch import save_file
+
+    from ..memory import release_freed_memory
+
+    st = lm.stream
+    block = lm.arch.block_list(lm.model)[i]
+    if i not in st["filled"] or any(callable(getattr(m, "lmpress_format", None)) for m in block.modules()):
+        return False
+    if "spill_dir" not in st:
+        import tempfile
+
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        st["spill_dir"] = tempfile.TemporaryDirectory(prefix=".lmpress-blocks-", dir=folder)  # gone with lm.stream
+    path = Path(st["spill_dir"].name) / f"block-{i:04d}.safetensors"
+    save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(path))
+    block.to_empty(device="meta")
+    st["filled"].discard(i)
+    st["spilled"][i] = path
+    release_freed_memory()
+    return True
+
+
+def _read_spilled(lm, i: int, half: bool = False) -> dict[str, torch.Tensor]:
+    """Block i's tensors from its spill file (keys relative to the block); float parameters rounded to fp16
+    values when compress rounded the float leftovers while the block was on disk (float16 with `half` when
+    every value fits)."""
+    from safetensors.torch import load_file
+
+    from .io import round_to_fp16_values
+
+    state = load_file(str(lm.stream["spilled"][i]))
+    if lm.stream.get("round_floats"):
+        params = {n for n, _ in lm.arch.block_list(lm.model)[i].named_parameters()}
+        for k in params & set(state):
+            t = state[k]
+            if half and t.dtype == torch.float32 and t.numel() and float(t.abs().max()) < 65504:
+                state[k] = t.half()
+            else:
+                round_to_fp16_values(t)
+    return state
 
 
 def _ends(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -197,9 +249,13 @@ def fill_block(lm, i: int) -> None:
     spec = lm.arch
     block = spec.block_list(lm.model)[i]
     prefix = f"{spec.blocks}.{i}."
-    dtype = next(p for p in lm.model.parameters() if p.device.type != "meta").dtype
-    want = {prefix + k for k in block.state_dict()}
-    state = {k[len(prefix):]: v.to(dtype) for k, v in st["source"].get(want).items()}
+    if i in st["spilled"]:
+        state = _read_spilled(lm, i)  # (exact: what the block held when parked)
+        st["spilled"].pop(i).unlink()  # a later step changes the block: the file would be stale
+    else:
+        dtype = next(p for p in lm.model.parameters() if p.device.type != "meta").dtype
+        want = {prefix + k for k in block.state_dict()}
+        state = {k[len(prefix):]: v.to(dtype) for k, v in st["source"].get(want).items()}
     missing, unexpected = block.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise CorruptModel(f"{lm.source}: block {i} lacks {', '.join(missing[:3]) or '-'} / has unexpected "
@@ -228,26 +284,40 @@ def close(lm, keep_outside: bool = False) -> None:
         return
     st = lm.stream
     for i in range(len(lm.arch.block_list(lm.model))):
-        fill_block(lm, i)
+        if not (keep_outside and i in st["spilled"]):
+            fill_block(lm, i)
     for h in st.pop("hooks", []):
         h.remove()
-    if keep_outside and st["parked"]:
+    if keep_outside and has_parked(lm):
         st["round_floats"] = True
         st["hooks"] = [m.register_forward_pre_hook(lambda _m, _a: close(lm)) for m in _ends(lm.model)]
         return
     fill_outside(lm)
     st["source"].close()
+    if "spill_dir" in st:
+        st.pop("spill_dir").cleanup()
     lm.stream = None
 
 
+def has_parked(lm) -> bool:
+    """Whether tensors of this model are still on disk (the embedding, the head, parked blocks)."""
+    st = getattr(lm, "stream", None)
+    return st is not None and bool(st["parked"] or st["spilled"])
+
+
 def parked_tensors(lm):
-    """(state-dict key, tensor) for each tensor still on disk, read one at a time: float16 (rounded, as compress
-    rounds float leftovers) when the model was closed with keep_outside and its values fit fp16, else as
-    `fill_outside` would give it. Tied names come once (under the first name). For models.io.save."""
+    """(state-dict key, tensor) for each tensor still on disk, read one at a time (a parked block's at once):
+    float16 (rounded, as compress rounds float leftovers) when the model was closed with keep_outside and its
+    values fit fp16, else as `fill_outside` / `fill_block` would give it. Tied names come once (under the first
+    name). For models.io.save."""
     from ..memory import release_freed_memory
     from .io import round_to_fp16_values
 
     st = lm.stream
+    for i in sorted(st["spilled"]):
+        release_freed_memory()
+        prefix = f"{lm.arch.blocks}.{i}."
+        yield from ((prefix + k, t) for k, t in _read_spilled(lm, i, half=True).items())
     done = set()
     for k in sorted(st["parked"]):
         p = lm.model.get_parameter(k)
