@@ -133,6 +133,57 @@ def test_self_calibration_cache(stories_dir, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "calib").glob("self-*.safetensors"))) == 3
 
 
+def test_calibration_token_file(stories_dir, tmp_path, monkeypatch, capsys):
+    """`lmpress calib` saves the rows compress would use; --calib FILE.safetensors[:NxL] reads them back (a
+    prefix when sized), so `self` sampled once feeds a streamed run; bad files are one-line errors."""
+    from safetensors.torch import save_file
+
+    from lmpress.compress import read_token_file, write_token_file
+    from lmpress.models.stream import load_streaming
+
+    monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path / "cache"))
+    path = stories_dir / "hf"
+    lm = lmpress.load(path)
+    f = tmp_path / "self.safetensors"
+    assert main(["calib", str(path), "--calib", "self:6x24", "--out", str(f), "--json", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["samples"], res["tokens_per_sample"]) == (6, 24) and f.exists()
+    drawn = torch.cat(calibration(lm, "self:6x24"))
+    assert torch.equal(torch.cat(calibration(lm, str(f), batch_size=4)), drawn)
+    assert [tuple(b.shape) for b in calibration(lm, f"{f}:3x10", batch_size=2)] == [(2, 10), (1, 10)]
+    assert torch.equal(torch.cat(calibration(lm, f"{f}:3x10")), drawn[:3, :10])
+    # the streamed run that refuses `self` takes the file, and calibrates exactly as the in-memory run on `self`
+    data = calibration(lm, str(f))
+    streamed = compress(load_streaming(path), [SparseGPT(sparsity=0.5)], data=data)
+    assert_same_state(state(streamed), state(compress(lmpress.load(path), [SparseGPT(sparsity=0.5)],
+                                                      data=calibration(lm, "self:6x24"))))
+    rc = main(["compress", str(path), "--recipe", "wanda-50", "--stream", "--calib", str(f), "--out",
+               str(tmp_path / "w"), "--no-eval", "--json", "--quiet"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["calibration"]["samples"] == 6
+    # bad input
+    assert main(["calib", str(path), "--out", str(f), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    save_file({"ids": torch.zeros(2, 8)}, str(tmp_path / "float.safetensors"))
+    save_file({"tokens": torch.zeros(2, 8, dtype=torch.long)}, str(tmp_path / "named.safetensors"))
+    save_file({"ids": torch.full((2, 8), 10**6)}, str(tmp_path / "big.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    write_token_file(drawn, tmp_path / "other.safetensors", meta={"tokenizer_size": 7})
+    for name, msg in [("missing", "no such token file"), ("float", "integer tensor 'ids'"),
+                      ("named", "integer tensor 'ids'"), ("junk", "not a safetensors file"),
+                      ("big", "outside this model's vocabulary"), ("other", "tokenizer of 7 tokens"),
+                      ("self", "6 samples of 24 tokens; 7x24 asked")]:
+        spec = f"{tmp_path / name}.safetensors" + (":7x24" if name == "self" else "")
+        with pytest.raises(BadInput, match=msg):
+            calibration(lm, spec)
+    with pytest.raises(BadInput, match="a .safetensors file"):
+        write_token_file(drawn, tmp_path / "ids.pt")
+    with pytest.raises(BadInput, match="6 samples of 24 tokens; 6x30 asked"):
+        read_token_file(f, lm, 6, 30)
+    rc = main(["compress", str(path), "--recipe", "gptq-w4g128", "--stream", "--calib", "self:4x32", "--out",
+               str(tmp_path / "s"), "--no-eval"])
+    assert rc == 2 and "lmpress calib" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
 def test_cli_compress_calib_and_checkpoint_cleanup(stories_dir, tmp_path, capsys):
     out = tmp_path / "q"
     rc = main(["compress", str(stories_dir / "hf"), "--recipe", "gptq-w4g128", "--calib", "builtin:8x64",

@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         _out_and_check(p, "the input")
         p.add_argument("--calib", default="builtin:128x512",
                        help="calibration data of calibrated steps: SOURCE:NxL, SOURCE = builtin, self (text the model "
-                            "writes itself: data-free), a text file or FILE.jsonl[:FIELD] (default builtin:128x512)")
+                            "writes itself: data-free), a text file, FILE.jsonl[:FIELD] or FILE.safetensors (token "
+                            "ids from `lmpress calib`) (default builtin:128x512)")
         p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
         p.add_argument("--checkpoint", help="folder of per-block checkpoints of calibrated steps, to resume a killed "
                                             "run (default: .OUT.resume beside --out; removed once the model is saved)")
@@ -120,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "memory: compressed blocks + one float block + activations)")
         p.add_argument("--spill", help="folder for file-backed calibration activations (pageable under memory pressure)")
         p.add_argument("--device", help="where calibrated steps compute, e.g. cuda (default: cpu)")
+
+    p = sub.add_parser("calib", help="save calibration token ids to a file (e.g. self-sampled once, for --stream)",
+                       epilog=EPILOG)
+    _common(p)
+    p.add_argument("--calib", default="builtin:128x512", help="SOURCE:NxL as for compress (default builtin:128x512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows or samples (default 0)")
+    p.add_argument("--data-dir", help="folder of the data sets (default: $LMPRESS_DATA)")
+    p.add_argument("--out", required=True, help="FILE.safetensors to write (refused if it exists, unless --force); "
+                                                "use it as `compress --calib FILE.safetensors`")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
     p = sub.add_parser("distill", help="train a student on a teacher's outputs: --teacher T (--student S | "
                        "--drop-layers K) --steps N", epilog=EPILOG)
@@ -576,6 +587,31 @@ def cmd_distill(args) -> tuple[dict, str]:
     return res, key_values(rows)
 
 
+def cmd_calib(args) -> tuple[dict, str]:
+    """Calibration rows as compress would make them, saved as token ids (compress.write_token_file)."""
+    import time
+
+    import torch
+
+    from .compress import calibration, write_token_file
+    from .eval.report import key_values
+
+    if not args.out.endswith(".safetensors"):
+        raise BadInput(f"--out {args.out}: a calibration token file is a .safetensors file")
+    if os.path.exists(args.out) and not args.force:
+        raise BadInput(f"{args.out} already exists; choose another --out or pass --force to replace it")
+    lm = _load(args.model, args)
+    t0 = time.perf_counter()
+    rows = torch.cat(calibration(lm, args.calib, args.data_dir, seed=args.seed, progress=not args.quiet))
+    write_token_file(rows, args.out, lm, meta={"model": lm.source, "calib": args.calib, "seed": args.seed},
+                     overwrite=args.force)
+    res = {"model": lm.source, "out": args.out, "calib": args.calib, "seed": args.seed, "samples": rows.shape[0],
+           "tokens_per_sample": rows.shape[1], "seconds": time.perf_counter() - t0}
+    return res, key_values([("model", lm.name), ("calibration", args.calib), ("seed", args.seed),
+                            ("saved to", args.out), ("samples × tokens", f"{rows.shape[0]} × {rows.shape[1]}"),
+                            ("time s", res["seconds"])])
+
+
 def cmd_compress(args) -> tuple[dict, str]:
     from .recipe import load_recipe
 
@@ -584,7 +620,7 @@ def cmd_compress(args) -> tuple[dict, str]:
 
 COMMANDS = {"info": cmd_info, "eval": cmd_eval, "bench": cmd_bench, "quantize": cmd_quantize,
             "compress": cmd_compress, "prune": cmd_prune, "distill": cmd_distill}
-COMMANDS.update(generate=cmd_generate, chat=cmd_chat, serve=cmd_serve)
+COMMANDS.update(generate=cmd_generate, chat=cmd_chat, serve=cmd_serve, calib=cmd_calib)
 
 
 def _quiet_libraries():

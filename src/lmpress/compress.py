@@ -271,7 +271,8 @@ SAMPLE_BATCH = 32  # rows sampled at once by --calib self (twice the tokens/s of
 
 def parse_calib(spec: str) -> tuple[str, int, int]:
     """"SOURCE:NxL" → (source, N samples, L tokens each). SOURCE: builtin, self (text the model generates from
-    BOS: data-free), a text file or FILE.jsonl[:FIELD]; ":NxL" may be left out (128x512)."""
+    BOS: data-free), a text file, FILE.jsonl[:FIELD] or FILE.safetensors (token ids: read_token_file); ":NxL"
+    may be left out (128x512; a token file: all of it)."""
     m = re.fullmatch(r"(.+?)(?::(\d+)x(\d+))?", str(spec))
     source, n, length = m.group(1), int(m.group(2) or 128), int(m.group(3) or 512)
     if n < 1 or length < 2:
@@ -291,17 +292,86 @@ def calibration(lm, spec: str = DEFAULT_CALIB, data_dir=None, seed: int = 0, bat
     from .quant.qat import text_batches
 
     source, n, length = parse_calib(spec)
+    if source.endswith(TOKEN_FILE):
+        sized = re.fullmatch(r".+:\d+x\d+", str(spec)) is not None
+        rows = read_token_file(source, lm, *((n, length) if sized else (None, None)))
+        return list(rows.split(batch_size))
     length = min(length, lm.max_positions or length)
     if source == "self":
         if getattr(lm, "stream", None) is not None:
             raise BadInput("--calib self generates text with the whole model, and --stream keeps its blocks on disk: "
-                           "use a text source, or drop --stream")
+                           "sample it once with `lmpress calib MODEL --calib self:NxL --out FILE.safetensors` and "
+                           "pass --calib FILE.safetensors, or drop --stream")
         if lm.bos_id is None:
             raise BadInput("--calib self samples from BOS, and this tokenizer has no BOS token: use a text source")
         rows = _cached_self_samples(lm, n, length, seed, progress)  # [n, length]
         return list(rows.split(batch_size))
     ids = tokenize(lm.tokenizer, load_text(source, data_dir))
     return text_batches(ids, n, length, batch_size, seed=seed, bos=lm.bos_id)
+
+
+TOKEN_FILE = ".safetensors"  # --calib FILE.safetensors: calibration token ids (write_token_file / `lmpress calib`)
+
+
+def write_token_file(rows: torch.Tensor, path: str | os.PathLike, lm=None, meta: dict | None = None,
+                     overwrite: bool = False) -> None:
+    """Save calibration rows [N, L] of token ids as a safetensors file (tensor "ids", int64), atomically; with
+    `lm`, its tokenizer's size goes in the metadata so that a model with another vocabulary refuses the file."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != TOKEN_FILE:
+        raise BadInput(f"{path}: a calibration token file is a {TOKEN_FILE} file")
+    if path.exists() and not overwrite:
+        raise BadInput(f"{path} already exists; choose another --out or pass --force to replace it")
+    meta = {k: str(v) for k, v in (meta or {}).items()}
+    if lm is not None:
+        meta["tokenizer_size"] = str(len(lm.tokenizer))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({"ids": rows.long().contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_token_file(path: str | os.PathLike, lm, n: int | None = None, length: int | None = None) -> torch.Tensor:
+    """Calibration rows from a token file (write_token_file; a `--calib self` cache file too): its first n rows,
+    the first `length` tokens of each (all when None; length capped at the model's position limit), as int64.
+    BadInput for a missing or unreadable file, no integer "ids" matrix, fewer rows or tokens than asked, or ids
+    from another vocabulary (the tokenizer's size in the metadata, or an id beyond the embedding)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"--calib {path}: no such token file")
+    try:
+        with safe_open(p, "pt") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+            ids = f.get_tensor("ids") if "ids" in keys else None
+    except Exception as e:  # safetensors' own errors name no file
+        raise BadInput(f"--calib {path}: not a safetensors file ({str(e).splitlines()[0][:120]})") from None
+    if ids is None or ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise BadInput(f"--calib {path}: expected an integer tensor 'ids' [samples, tokens] (what `lmpress calib` "
+                       f"writes)")
+    rows, cols = ids.shape
+    n, length = n or rows, min(length or cols, lm.max_positions or cols)
+    if n > rows or length > cols or length < 2:
+        raise BadInput(f"--calib {path}: holds {rows} samples of {cols} tokens; {n}x{length} asked")
+    vocab = getattr(getattr(lm.model, "config", None), "vocab_size", None) or len(lm.tokenizer)
+    if "tokenizer_size" in meta and meta["tokenizer_size"] != str(len(lm.tokenizer)):
+        raise BadInput(f"--calib {path}: made with a tokenizer of {meta['tokenizer_size']} tokens, and this model's "
+                       f"has {len(lm.tokenizer)}: sample the file again with this model")
+    ids = ids[:n, :length].long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise BadInput(f"--calib {path}: token ids outside this model's vocabulary (0..{vocab - 1}): made with "
+                       f"another tokenizer?")
+    return ids
 
 
 def _model_digest(model: torch.nn.Module) -> str:
