@@ -12,7 +12,7 @@ from lmpress.cli import main
 from lmpress.compress import calibration, compress, parse_calib
 from lmpress.errors import BadInput
 from lmpress.models.io import save
-from lmpress.recipe import GPTQ, RTN, SparseGPT, Wanda
+from lmpress.recipe import GPTQ, RTN, Magnitude, SmoothQuant, SparseGPT, W8A8Dynamic, Wanda
 
 from conftest import tiny_model
 
@@ -282,6 +282,45 @@ def test_streamed_float_blocks_wait_on_disk(stories_dir, tmp_path, monkeypatch, 
     assert lm.stream is None and not list(tmp_path.glob(".lmpress-blocks-*"))
     assert_same_state(state(lm), state(ref))
     assert torch.equal(logits, ref.model(ids).logits)
+
+
+@pytest.mark.parametrize("recipe", [[Magnitude(0.5), RTN(bits=4, group_size=32), RTN(bits=8, targets=r"lm_head$",
+                                                                                    ignore=None)],
+                                    [SmoothQuant(alpha=0.5), W8A8Dynamic()]])
+def test_streamed_data_free_steps_go_block_by_block(stories_dir, tmp_path, monkeypatch, recipe):
+    """A per-layer step (magnitude pruning, RTN, W8A8 dynamic) on a streamed model reads one block at a time,
+    and what it leaves in float goes back to disk: never more than one float block in memory, and the result
+    equals the in-memory one."""
+    import sys
+
+    from lmpress.models.stream import load_streaming
+    from lmpress.nn import is_float_linear
+
+    path = stories_dir / "hf"
+    data = calibration(lmpress.load(path), "builtin:8x64")
+    ref = compress(lmpress.load(path), recipe, data=data)
+    lm = load_streaming(path)
+    blocks = lm.arch.block_list(lm.model)
+    float_blocks = []
+
+    def watched(convert):
+        def run(mod, step):
+            float_blocks.append(sum(any(is_float_linear(m) and m.weight.device.type != "meta" for m in b.modules())
+                                    for b in blocks))
+            return convert(mod, step)
+        return run
+
+    table = sys.modules["lmpress.compress"].CONVERT  # (the package's `compress` is the function)
+    for kind, convert in list(table.items()):
+        monkeypatch.setitem(table, kind, watched(convert))
+    compress(lm, recipe, data=data, checkpoint=tmp_path / "ck", defer_outside=True)
+    assert float_blocks and max(float_blocks) == 1
+    save(lm, tmp_path / "s")
+    save(ref, tmp_path / "r")
+    assert_same_state(state(lmpress.load(tmp_path / "s")), state(lmpress.load(tmp_path / "r")))
+    ids = torch.tensor([[1, 7, 9, 4]])
+    assert torch.equal(lm.model(ids).logits, ref.model(ids).logits)
+    assert lm.stream is None and not list(tmp_path.glob(".lmpress-blocks-*"))
 
 
 @pytest.mark.parametrize("recipe", [[GPTQ(bits=4, group_size=32)], [SparseGPT(sparsity=0.5)]])

@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -141,10 +142,11 @@ def _int8_static(lm, model, step, data, progress):
     replace_layers(model, step, lambda mod, _s: Int8StaticLinear.from_linear(mod, *by_id[id(mod)]), progress)
 
 
-def _sequential(lm, model, step, data, progress, algorithm, **engine):
+def _sequential(lm, model, step, data, progress, algorithm, park_near=None, **engine):
     """A calibrated step through the sequential engine: `algorithm` is a module with init_stats / update_stats
     / apply (calibrate.py). engine: run_sequential's checkpoints / spill / device. A streamed model
-    (models.stream) has its blocks read from disk as the engine reaches them."""
+    (models.stream) has its blocks read from disk as the engine reaches them, and those it leaves in float go
+    back to disk (a temporary folder in `park_near`) once finished."""
     from .calibrate import all_targets, run_sequential
     from .memory import release_freed_memory
     from .models.arch import arch_for
@@ -170,8 +172,7 @@ def _sequential(lm, model, step, data, progress, algorithm, **engine):
     if is_streaming(lm):
         engine["fill"] = lambda _block, i: fill_block(lm, i)
         engine["capture_context"] = lambda: embedding_loaded(lm)
-        near = engine.get("spill") or (engine["checkpoints"].folder.parent if engine.get("checkpoints") else None)
-        engine["release"] = lambda _block, i: park_block(lm, i, near)  # (a block the step left in float)
+        engine["release"] = lambda _block, i: park_block(lm, i, park_near)  # (a block the step left in float)
     info = run_sequential(model, spec, data, algorithm, step, progress, **engine)
     release_freed_memory()  # (the activations)
     if hasattr(lm, "info"):
@@ -317,8 +318,6 @@ def write_token_file(rows: torch.Tensor, path: str | os.PathLike, lm=None, meta:
                      overwrite: bool = False) -> None:
     """Save calibration rows [N, L] of token ids as a safetensors file (tensor "ids", int64), atomically; with
     `lm`, its tokenizer's size goes in the metadata so that a model with another vocabulary refuses the file."""
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -343,8 +342,6 @@ def read_token_file(path: str | os.PathLike, lm, n: int | None = None, length: i
     the first `length` tokens of each (all when None; length capped at the model's position limit), as int64.
     BadInput for a missing or unreadable file, no integer "ids" matrix, fewer rows or tokens than asked, or ids
     from another vocabulary (the tokenizer's size in the metadata, or an id beyond the embedding)."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     p = Path(path)
@@ -431,7 +428,6 @@ def _check_job(folder, lm, steps, data) -> None:
     job.json says which; another job's folder is refused rather than mixed in."""
     import hashlib
     import json
-    from pathlib import Path
 
     h = hashlib.sha256()
     for b in data or []:
@@ -473,11 +469,34 @@ SEQUENTIAL = {R.GPTQ, R.Wanda, R.SparseGPT, R.AWQ, R.SmoothQuant}  # the steps t
 CALIBRATED = SEQUENTIAL | {R.W8A8Static}  # the steps that read calibration batches (compress's `data`)
 
 
-def _touches_blocks(lm, model, step) -> bool:
-    """Whether a non-sequential step needs the blocks' weights (a data-free step on lm_head alone does not)."""
-    if type(step) in WHOLE_MODEL:
-        return True
-    return any(name.startswith(lm.arch.blocks + ".") for name in select(model, step))
+def _convert_streamed(lm, model, step, progress: bool, near) -> None:
+    """A per-layer (CONVERT) step on a streamed model, one block at a time: each block the step selects in is
+    read, converted, and — when the step leaves it in float (magnitude pruning) — parked on disk again
+    (models.stream.park_block), so memory stays bounded as in the engine. Layers outside the blocks (the head)
+    are read and converted after."""
+    from .eval.report import progress_bar
+    from .memory import release_freed_memory
+    from .models import stream
+
+    prefix = lm.arch.blocks + "."
+    names = list(select(model, step))  # (names only: the blocks' weights may still be on disk)
+    in_block: dict[int, list[str]] = {}
+    for name in names:
+        if name.startswith(prefix):
+            in_block.setdefault(int(name[len(prefix):].split(".", 1)[0]), []).append(name)
+    with progress_bar(len(in_block), type(step).__name__, progress, unit="block") as bar:
+        for i, chosen in sorted(in_block.items()):
+            stream.fill_block(lm, i)
+            mods = {id(m): m for m in map(model.get_submodule, chosen)}
+            substitute(lm.arch.block_list(model)[i], {key: CONVERT[type(step)](m, step) for key, m in mods.items()})
+            del mods
+            stream.park_block(lm, i, near)
+            release_freed_memory()
+            bar.update(1)
+    if len(names) > sum(map(len, in_block.values())):
+        stream.fill_outside(lm)
+        new = {id(m): CONVERT[type(step)](m, step) for n, m in select(model, step).items() if not n.startswith(prefix)}
+        substitute(model, new)
 
 
 def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None = None, round_floats: bool = True,
@@ -508,18 +527,19 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
         data = default_calibration(lm)
     if checkpoint is not None:
         _check_job(checkpoint, lm, steps, data)
+    near = spill or (Path(checkpoint).parent if checkpoint is not None else None)  # where parked blocks go
     with torch.no_grad():
         for k, step in enumerate(steps):
-            if type(step) not in SEQUENTIAL and stream.is_streaming(lm):
-                if _touches_blocks(lm, model, step):
-                    if progress:
-                        print(f"lmpress: {type(step).__name__} works on the whole model: reading every block from "
-                              f"disk (streaming bounds memory only for calibrated steps)", file=sys.stderr)
-                    stream.fill_all(lm)
-                else:  # a step on the head alone
-                    stream.fill_outside(lm)
+            if type(step) in CONVERT and stream.is_streaming(lm):
+                _convert_streamed(lm, model, step, progress, near)
+                continue
+            if type(step) not in SEQUENTIAL and stream.is_streaming(lm):  # a whole-model step
+                if progress:
+                    print(f"lmpress: {type(step).__name__} works on the whole model: reading every block from "
+                          f"disk (streaming bounds memory for calibrated and per-layer steps)", file=sys.stderr)
+                stream.fill_all(lm)
             if type(step) in SEQUENTIAL:
-                kw = {"spill": spill, "device": device}
+                kw = {"spill": spill, "device": device, "park_near": near}
                 if checkpoint is not None:
                     kw["checkpoints"] = BlockCheckpoints(checkpoint, f"step{k}")
                 WHOLE_MODEL[type(step)](lm, model, step, data, progress, **kw)

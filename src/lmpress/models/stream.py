@@ -10,14 +10,15 @@ blocks, one float block and the calibration activations — not the float model 
 after (`embedding_loaded`); embedding and head come back when the model is closed. For Qwen2.5-0.5B they are
 1.09 GB of its 2.5 GB in float32.
 
-A step that leaves a finished block in float (Wanda, SparseGPT, SmoothQuant: zeroed or rescaled weights, still
-float32) would hold the whole float model by its last block. `park_block` writes such a block's exact tensors
-to a spill folder and frees it; fill_block reads it back when a later step needs it, and models.io.save
-writes it from there one tensor at a time (`parked_tensors`).
+A step that leaves a finished block in float (Wanda, SparseGPT, SmoothQuant, magnitude: zeroed or rescaled
+weights, still float32) would hold the whole float model by its last block. `park_block` writes such a block's
+exact tensors to a spill folder and frees it; fill_block reads it back when a later step needs it, and
+models.io.save writes it from there one block at a time (`parked_tensors`).
 
-Data-free steps touch every layer at once: compress fills all blocks before them (the bound is then gone, and
-it says so). Only models loaded from a GGUF file or a transformers folder stream; an lmpress folder is
-already compressed.
+Per-layer data-free steps (compress.CONVERT: RTN, W8A8 dynamic, magnitude) go block by block the same way
+(compress._convert_streamed); whole-model steps that touch the blocks (HQQ, QAT, …) need every block: compress
+fills them all first (the bound is then gone, and it says so). Only models loaded from a GGUF file or a
+transformers folder stream; an lmpress folder is already compressed.
 """
 
 from __future__ import annotations
