@@ -109,6 +109,30 @@ def test_interrupted_save_leaves_nothing(tokenizer, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_write_safetensors_one_tensor_at_a_time(tmp_path):
+    """models.io.write_safetensors (the streamed save: tensors written as a generator yields them) writes what
+    safetensors reads back exactly, every dtype lmpress stores, with metadata; a name given twice is refused."""
+    from safetensors import safe_open
+
+    from lmpress.models.io import SAFETENSORS_DTYPES, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t.{str(dt).removeprefix('torch.')}": (torch.randn(3, 5, generator=g) * 50).to(dt)
+               for dt in SAFETENSORS_DTYPES}
+    tensors |= {"t.bool": torch.randn(3, 5, generator=g) > 0, "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+                "strided": torch.arange(12.).view(3, 4).t()}
+    write_safetensors(iter(tensors.items()), tmp_path / "a.safetensors", metadata={"format": "pt"})
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(tensors)
+        for k, t in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), k
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # (no side file left)
+    with pytest.raises(ValueError, match="given twice"):
+        write_safetensors(iter([("x", torch.ones(2)), ("x", torch.ones(2))]), tmp_path / "b.safetensors")
+    assert not list(tmp_path.glob("b.safetensors*"))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
 def test_archspec_finds_every_module(tokenizer, family):
     lm = tiny_model(family, tokenizer)

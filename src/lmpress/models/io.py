@@ -131,26 +131,67 @@ def save(lm, out: str | os.PathLike, *, recipe: list[dict] | None = None, overwr
 
 def _save_with_parked(lm, tmp: Path) -> dict[str, torch.dtype]:
     """The weights of a streamed model whose embedding and head (and blocks parked in float) are still on disk
-    (models.stream.close with keep_outside): the resident tensors as they are (already narrowed), the parked ones read one at a time
-    (float16 when rounded), then one safetensors file written from pointers (no copy), with config.json and
-    generation_config.json as save_pretrained writes them. Returns {key: dtype} of the tensors read."""
-    from safetensors.torch import save_file
-
+    (models.stream.close with keep_outside): the resident tensors as they are (already narrowed), then the
+    parked ones read one at a time (float16 when rounded) and written as they come (write_safetensors: never
+    all in memory at once), with config.json and generation_config.json as save_pretrained writes them.
+    Returns {key: dtype} of the tensors read."""
     from .stream import parked_tensors
 
     model = lm.model
     once = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - once  # second names of one tensor
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied and v.device.type != "meta"}
     written = {}
-    for k, v in parked_tensors(lm):  # (parked: on `meta` above)
-        v = v.to(exact_storage_dtype(v)) if v.dtype == torch.float32 else v
-        state[k], written[k] = v, v.dtype
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+    def tensors():
+        for k, v in model.state_dict().items():
+            if k not in tied and v.device.type != "meta":
+                yield k, v
+        for k, v in parked_tensors(lm):  # (parked: on `meta` above)
+            v = v.to(exact_storage_dtype(v)) if v.dtype == torch.float32 else v
+            written[k] = v.dtype
+            yield k, v
+
+    write_safetensors(tensors(), tmp / "model.safetensors", metadata={"format": "pt"})
     model.config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
     return written
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file from (name, tensor) pairs that come one at a time (a generator reading them from
+    disk): each tensor's bytes go to a side file as it comes, then the header (which needs every offset) and
+    those bytes are put together — so only one tensor need be in memory, where safetensors' save_file takes
+    them all at once. The layout is the format's: 8-byte little-endian header length, the JSON header padded
+    with spaces to a multiple of 8, the tensors' bytes back to back."""
+    import struct
+
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    side = path.with_name(path.name + ".data")
+    offset = 0
+    try:
+        with open(side, "wb") as fh:
+            for name, t in tensors:
+                if name in header:
+                    raise ValueError(f"write_safetensors: {name} given twice")
+                t = t.detach().cpu().contiguous()
+                raw = t.reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t.reshape(-1).to(torch.uint8)
+                fh.write(raw.numpy().data if raw.numel() else b"")
+                header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                                "data_offsets": [offset, offset + raw.numel()]}
+                offset += raw.numel()
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with open(path, "wb") as out, open(side, "rb") as fh:
+            out.write(struct.pack("<Q", len(head)) + head)
+            shutil.copyfileobj(fh, out, 16 << 20)
+    finally:
+        side.unlink(missing_ok=True)
 
 
 def install_folder(tmp: Path, out: Path) -> None:
