@@ -306,18 +306,18 @@ def run_sequential(lm_or_model, spec, batches: list[Tensor], algorithm, config, 
     index): called before block `index` is first used, to read its weights from disk (models.stream: the
     blocks of a streamed model are empty until then). release(block, index): called once block `index` is
     finished (and checkpointed; a resumed one once loaded), to let it go from memory (models.stream.park_block:
-    a streamed block the step left in float goes to disk until needed again). spill: a folder where the activations live in
-    file-backed memory (the OS pages them out under memory pressure) instead of anonymous RAM. device: where
-    each block computes ("cuda" when present): the block and its batches move there for the block's work and
-    the block comes back to the CPU after. capture_context: a function returning a context manager that
-    holds for the capture of block 0's inputs (models.stream.embedding_loaded: a streamed model's token
-    embedding is read for it and released after). slice_tokens: each batch goes through a block in slices of
-    at most this many tokens (whole sequences; None: whole batches): the block's intermediate activations stay
-    small whatever the batch size (Qwen2.5-0.5B's MLP at 8×512 tokens: 326 MB; at 2×512: ~80 MB).
+    a streamed block the step left in float goes to disk until needed again). spill: a folder where the
+    activations live in file-backed memory (the OS pages them out under memory pressure) instead of anonymous
+    RAM. device: where each block computes ("cuda" when present): the block and its batches move there for the
+    block's work and the block comes back to the CPU after. capture_context: a function returning a context
+    manager that holds for the capture of block 0's inputs (models.stream.embedding_loaded: a streamed model's
+    token embedding is read for it and released after). slice_tokens: each batch goes through a block in
+    slices of at most this many tokens (whole sequences; None: whole batches): the block's intermediate
+    activations stay small whatever the batch size (Qwen2.5-0.5B's MLP at 8×512 tokens: 326 MB; at 2×512: ~80 MB).
 
     Returns {"layers": [names compressed], "blocks": n, "capture_s", "block_s": [seconds per block],
-    "seconds", "resumed_blocks": blocks loaded from checkpoints, "peak_rss_mb": peak resident memory of the process (it includes everything the process held
-    before; compare with a run without compression)}.
+    "seconds", "resumed_blocks": blocks loaded from checkpoints, "peak_rss_mb": peak resident memory of the
+    process (it includes everything the process held before; compare with a run without compression)}.
     Raises BadInput for no batches, a selection that matches no layer (before any work), non-finite
     activations (naming the block) or an algorithm error (prefixed with the layer's name)."""
     from .eval.report import progress_bar

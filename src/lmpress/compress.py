@@ -514,9 +514,9 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
     keep activations (a folder: file-backed) and compute (calibrate.run_sequential). A LoadedModel from
     models.stream.load_streaming is filled block by block by calibrated and per-layer steps (blocks they leave
     in float wait on disk, in a temporary folder inside `spill` or beside `checkpoint`), whole before a
-    whole-model step, and is an ordinary in-memory model afterwards; with `defer_outside` (and round_floats) its embedding and head
-    stay on disk until it first runs or is saved (models.stream.close's keep_outside: `lmpress compress
-    --stream` never holds them in float32)."""
+    whole-model step, and is an ordinary in-memory model afterwards; with `defer_outside` (and round_floats) its
+    embedding and head stay on disk until it first runs or is saved (models.stream.close's keep_outside:
+    `lmpress compress --stream` never holds them in float32)."""
     from .calibrate import BlockCheckpoints
     from .models import stream
 

@@ -180,6 +180,8 @@ def write_safetensors(tensors, path: Path, metadata: dict[str, str] | None = Non
                 if name in header:
                     raise ValueError(f"write_safetensors: {name} given twice")
                 t = t.detach().cpu().contiguous()
+                if t.dtype not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"write_safetensors: {name} is {t.dtype}, which lmpress does not store")
                 raw = t.reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t.reshape(-1).to(torch.uint8)
                 fh.write(raw.numpy().data if raw.numel() else b"")
                 header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
