@@ -157,9 +157,18 @@ def test_calibration_token_file(stories_dir, tmp_path, monkeypatch, capsys):
     streamed = compress(load_streaming(path), [SparseGPT(sparsity=0.5)], data=data)
     assert_same_state(state(streamed), state(compress(lmpress.load(path), [SparseGPT(sparsity=0.5)],
                                                       data=calibration(lm, "self:6x24"))))
+    import gc
+
+    from lmpress.models import stream
+
+    real, folders = stream.park_block, set()
+    monkeypatch.setattr(stream, "park_block", lambda lm, i, folder=None: folders.add(folder) or real(lm, i, folder))
     rc = main(["compress", str(path), "--recipe", "wanda-50", "--stream", "--calib", str(f), "--out",
                str(tmp_path / "w"), "--no-eval", "--json", "--quiet"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["calibration"]["samples"] == 6
+    gc.collect()  # (the streamed model's hooks make a cycle) its pruned blocks waited beside --out, then went
+    assert folders == {str(tmp_path)} and not list(tmp_path.glob(".lmpress-blocks-*"))
+    assert (tmp_path / "w" / "lmpress.json").exists()
     # bad input
     assert main(["calib", str(path), "--out", str(f), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err

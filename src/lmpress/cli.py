@@ -427,7 +427,8 @@ def _compress_command(args, steps) -> tuple[dict, str]:
     ckpt = Path(args.checkpoint) if args.checkpoint else out.parent / f".{out.name}.resume"
     resumable = any(type(s) in SEQUENTIAL for s in steps)
     compress(lm, steps, progress=not args.quiet, data=data, checkpoint=str(ckpt) if resumable else None,
-             spill=args.spill, device=args.device, defer_outside=args.stream)
+             spill=args.spill, device=args.device, defer_outside=args.stream,
+             park=args.spill or str(out.parent))
     save(lm, out, overwrite=args.force)
     if resumable:
         shutil.rmtree(ckpt, ignore_errors=True)

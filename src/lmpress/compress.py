@@ -501,7 +501,7 @@ def _convert_streamed(lm, model, step, progress: bool, near) -> None:
 
 def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None = None, round_floats: bool = True,
              checkpoint: str | None = None, spill: str | None = None, device: str | None = None,
-             defer_outside: bool = False):
+             defer_outside: bool = False, park: str | None = None):
     """Apply `recipe` (a preset name, a YAML/JSON path, or a list of steps) to `lm` in place; returns `lm`.
 
     `lm` is a LoadedModel (its recipe grows by the steps applied, and is saved in the manifest) or any
@@ -513,10 +513,11 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
     steps are simply redone (they are deterministic), QAT starts over. `spill`, `device`: where calibrated steps
     keep activations (a folder: file-backed) and compute (calibrate.run_sequential). A LoadedModel from
     models.stream.load_streaming is filled block by block by calibrated and per-layer steps (blocks they leave
-    in float wait on disk, in a temporary folder inside `spill` or beside `checkpoint`), whole before a
-    whole-model step, and is an ordinary in-memory model afterwards; with `defer_outside` (and round_floats) its
-    embedding and head stay on disk until it first runs or is saved (models.stream.close's keep_outside:
-    `lmpress compress --stream` never holds them in float32)."""
+    in float wait on disk, in a temporary folder inside `park`; default: inside `spill`, else beside
+    `checkpoint`, else in the system's temporary folder), whole before a whole-model step, and is an ordinary
+    in-memory model afterwards; with `defer_outside` (and round_floats) its embedding and head stay on disk
+    until it first runs or is saved (models.stream.close's keep_outside: `lmpress compress --stream` never
+    holds them in float32)."""
     from .calibrate import BlockCheckpoints
     from .models import stream
 
@@ -528,7 +529,7 @@ def compress(lm, recipe, progress: bool = False, data: list[torch.Tensor] | None
         data = default_calibration(lm)
     if checkpoint is not None:
         _check_job(checkpoint, lm, steps, data)
-    near = spill or (Path(checkpoint).parent if checkpoint is not None else None)  # where parked blocks go
+    near = park or spill or (Path(checkpoint).parent if checkpoint is not None else None)  # where parked blocks go
     with torch.no_grad():
         for k, step in enumerate(steps):
             if type(step) in CONVERT and stream.is_streaming(lm):
