@@ -594,13 +594,10 @@ def cmd_calib(args) -> tuple[dict, str]:
 
     import torch
 
-    from .compress import calibration, write_token_file
+    from .compress import calibration, check_token_out, write_token_file
     from .eval.report import key_values
 
-    if not args.out.endswith(".safetensors"):
-        raise BadInput(f"--out {args.out}: a calibration token file is a .safetensors file")
-    if os.path.exists(args.out) and not args.force:
-        raise BadInput(f"{args.out} already exists; choose another --out or pass --force to replace it")
+    check_token_out(args.out, args.force)  # before loading the model
     lm = _load(args.model, args)
     t0 = time.perf_counter()
     rows = torch.cat(calibration(lm, args.calib, args.data_dir, seed=args.seed, progress=not args.quiet))

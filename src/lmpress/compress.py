@@ -314,17 +314,23 @@ def calibration(lm, spec: str = DEFAULT_CALIB, data_dir=None, seed: int = 0, bat
 TOKEN_FILE = ".safetensors"  # --calib FILE.safetensors: calibration token ids (write_token_file / `lmpress calib`)
 
 
+def check_token_out(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Where a token file may be written: a .safetensors path, not an existing file unless `overwrite`."""
+    path = Path(path)
+    if path.suffix != TOKEN_FILE:
+        raise BadInput(f"{path}: a calibration token file is a {TOKEN_FILE} file")
+    if path.exists() and not overwrite:
+        raise BadInput(f"{path} already exists; choose another --out or pass --force to replace it")
+    return path
+
+
 def write_token_file(rows: torch.Tensor, path: str | os.PathLike, lm=None, meta: dict | None = None,
                      overwrite: bool = False) -> None:
     """Save calibration rows [N, L] of token ids as a safetensors file (tensor "ids", int64), atomically; with
     `lm`, its tokenizer's size goes in the metadata so that a model with another vocabulary refuses the file."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != TOKEN_FILE:
-        raise BadInput(f"{path}: a calibration token file is a {TOKEN_FILE} file")
-    if path.exists() and not overwrite:
-        raise BadInput(f"{path} already exists; choose another --out or pass --force to replace it")
+    path = check_token_out(path, overwrite)
     meta = {k: str(v) for k, v in (meta or {}).items()}
     if lm is not None:
         meta["tokenizer_size"] = str(len(lm.tokenizer))
@@ -388,7 +394,6 @@ def _cached_self_samples(lm, n: int, length: int, seed: int, progress: bool) -> 
     $LMPRESS_CACHE/calib/ as safetensors: sampling costs as much as compressing (36 min for Qwen2.5-0.5B at
     128x512 on 2 cores), and a cached draw also makes a rerun calibrate on exactly the same tokens."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from .models.gguf import cache_root
     from .quant.qat import sample_batches
@@ -409,10 +414,7 @@ def _cached_self_samples(lm, n: int, length: int, seed: int, progress: bool) -> 
         print(f"lmpress: sampling {n}×{length} calibration tokens from the model itself", file=sys.stderr)
     rows = torch.cat(sample_batches(lm.model, n, length, SAMPLE_BATCH, lm.bos_id, seed=seed))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"ids": rows.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        write_token_file(rows, path, overwrite=True)
     except OSError as e:  # a read-only cache costs a resample next time, nothing else
         if progress:
             print(f"lmpress: could not cache the self calibration ({e})", file=sys.stderr)
